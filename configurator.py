@@ -1,0 +1,161 @@
+"""
+Settings for nanoscBERT's scripts, nanoGPT style: a script declares its settings as module globals,
+each with a one-line comment, and hands its globals to configure():
+
+    batch_size = 32          # cells per optimizer step
+    init_from = None         # checkpoint to start from (None = from scratch)
+    from configurator import configure
+    config = configure(globals())   # updates the globals in place, returns {name: value} of all settings
+
+Settings are the globals at call time whose names don't start with '_' and whose values are
+bool/int/float/str/None/list/tuple. On the command line
+
+    python train.py config/finetune_pbmc.py --batch_size=64 --compile --init_from=out/ckpt.pt
+
+positional arguments are config files (Python files run in order, which may only assign known settings),
+then each --key=value overrides one setting (a bare --key sets a bool setting to True), and -h/--help
+prints the script's docstring and every setting with its default and the comment from its line.
+
+Unlike nanoGPT's configurator.py (which is exec'd), this one is imported, and:
+  - values are checked against the default's type: int; float (ints accepted); bool (True/False/true/false/1/0);
+    str (taken as is); list/tuple (a Python literal). A setting whose default is None takes any value
+    (a Python literal if it parses as one, else the raw string; 'None' gives None back).
+  - an unknown name (on the command line or in a config file) is an error suggesting the closest names.
+  - mistakes print one line "error: ..." to stderr and exit with status 2 (as argparse does), no traceback.
+"""
+import ast
+import difflib
+import io
+import os
+import sys
+import tokenize
+import traceback
+import types
+
+SETTING_TYPES = (bool, int, float, str, type(None), list, tuple)
+
+
+class ConfigError(Exception):
+    """A mistake in the command line or a config file; configure() reports it as one line and exits 2."""
+
+
+def configure(scope, argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # snapshot the defaults: type checks are against the default, even after a config file changed the value
+    defaults = {k: v for k, v in scope.items() if not k.startswith('_') and isinstance(v, SETTING_TYPES)}
+    if '-h' in argv or '--help' in argv:
+        print(help_text(scope, defaults))
+        raise SystemExit(0)
+    try:
+        for arg in argv:
+            if arg.startswith('--'):
+                name, eq, text = arg[2:].partition('=')
+                if name not in defaults:
+                    raise ConfigError(unknown(name, defaults))
+                scope[name] = parse_arg(name, text if eq else None, defaults[name])
+            elif arg.startswith('-'):
+                raise ConfigError(f"unknown argument '{arg}' (settings are --key=value; see --help)")
+            else:
+                scope.update(run_config_file(arg, scope, defaults))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return {k: scope[k] for k in defaults}
+
+
+def unknown(name, defaults, where=''):
+    close = difflib.get_close_matches(name, defaults, n=3)
+    hint = ' or '.join(f"'{c}'" for c in close)
+    return f"unknown setting '{name}'{where} ({f'did you mean {hint}?; ' if close else ''}see --help)"
+
+
+def parse_arg(name, text, default):
+    """Parse the text of --name=text (text is None for a bare --name) into the default's type."""
+    kind = type(default).__name__
+    if text is None:
+        if isinstance(default, bool):
+            return True
+        raise ConfigError(f"--{name} needs a value: --{name}=<{kind if default is not None else 'value'}>")
+    if default is None:  # anything goes: a Python literal (3, 0.1, None, [1, 2]) or else the raw string
+        try:
+            return ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            return text
+    try:
+        if isinstance(default, bool):
+            return {'True': True, 'true': True, '1': True, 'False': False, 'false': False, '0': False}[text]
+        if isinstance(default, (int, float, str)):
+            return type(default)(text)  # int('3.5') fails; float('3') = 3.0; str is taken as is
+        value = ast.literal_eval(text)  # list/tuple
+        if isinstance(value, (list, tuple)):
+            return type(default)(value)
+    except (KeyError, ValueError, SyntaxError):
+        pass
+    raise ConfigError(f"--{name} expects {kind}, got '{text}'")
+
+
+def check_value(name, value, default, path):
+    """Check a value assigned in config file `path` against the default's type; ints become floats."""
+    if default is None or (type(value) is type(default)):
+        return value
+    if isinstance(default, float) and type(value) is int:
+        return float(value)
+    if isinstance(default, (list, tuple)) and isinstance(value, (list, tuple)):
+        return type(default)(value)
+    raise ConfigError(f"{name} in {path} expects {type(default).__name__}, got {value!r}")
+
+
+def run_config_file(path, scope, defaults):
+    """Run a config file with the current settings visible; return the settings it assigned, type-checked."""
+    if not os.path.isfile(path):
+        hint = f"; did you mean --{path}?" if '=' in path else ''
+        raise ConfigError(f"config file '{path}' not found (positional arguments are config files{hint})")
+    namespace = {k: scope[k] for k in defaults}
+    namespace['__file__'] = path
+    try:
+        with open(path) as f:
+            exec(compile(f.read(), path, 'exec'), namespace)
+    except Exception as e:  # a bug in the config file: say where, in one line
+        frames = [fr for fr in traceback.extract_tb(e.__traceback__) if fr.filename == path]
+        line = getattr(e, 'lineno', None) if isinstance(e, SyntaxError) else (frames[-1].lineno if frames else None)
+        raise ConfigError(f"in config file {path} line {line}: {type(e).__name__}: {e}") from None
+    assigned = {}
+    for name, value in namespace.items():
+        if name.startswith('_') or isinstance(value, types.ModuleType):  # imports and helpers are fine
+            continue
+        if name not in defaults:
+            raise ConfigError(unknown(name, defaults, where=f' in {path}'))
+        assigned[name] = check_value(name, value, defaults[name], path)
+    return assigned
+
+
+def descriptions(path):
+    """{name: comment} for module-level assignments in the source file that have a '# comment' on their line."""
+    try:
+        with open(path) as f:
+            source = f.read()
+        comments = {tok.start[0]: tok.string.lstrip('#').strip()
+                    for tok in tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.COMMENT}
+        tree = ast.parse(source)
+    except (OSError, SyntaxError, tokenize.TokenError):
+        return {}
+    found = {}
+    for node in tree.body:
+        if isinstance(node, (ast.Assign, ast.AnnAssign)):
+            for target in getattr(node, 'targets', [getattr(node, 'target', None)]):
+                if isinstance(target, ast.Name):
+                    comment = comments.get(node.lineno) or comments.get(node.end_lineno)
+                    if comment:
+                        found[target.id] = comment
+    return found
+
+
+def help_text(scope, defaults):
+    described = descriptions(scope['__file__']) if scope.get('__file__') else {}
+    rows = [(f'{name} = {value!r}', described.get(name, '')) for name, value in defaults.items()]
+    width = max((len(left) for left, _ in rows), default=0)
+    script = os.path.basename(scope.get('__file__') or '<script>')
+    lines = [(scope.get('__doc__') or '').strip(), '',
+             f'usage: python {script} [config files...] [--key=value ...]', 'settings (default  # description):']
+    lines += [f'  {left:<{width}}  # {desc}' if desc else f'  {left}' for left, desc in rows]
+    return '\n'.join(lines).lstrip('\n')

@@ -1,0 +1,180 @@
+"""
+Annotate the cells of an .h5ad file with a fine-tuned scBERT.
+
+    python predict.py --ckpt=out/best.pt --input=my_cells.h5ad --output=predictions.csv
+    python predict.py --ckpt=out/best.pt --input=my_cells.h5ad --output_h5ad=annotated.h5ad --embeddings=cells.npy
+    python predict.py --ckpt=finetuned.pth --vocab=gene_panel.txt --label_names=celltypes.txt --input=...   # original scBERT
+
+The checkpoint is ours (train.py's best.pt or ckpt.pt, which carry their gene vocabulary, label names and log base) or an
+original scBERT one, recognised by its keys; then `vocab` and `label_names` must be given. Genes are matched to the
+checkpoint's vocabulary by symbol, and the overlap is reported. Every cell is annotated, in file order: cells with fewer
+than min_genes expressed genes are flagged (column scbert_qc_pass of output_h5ad), never dropped. A cell whose top
+probability is below unassigned_threshold is called 'Unassigned' (scBERT's novel-type rule).
+"""
+import os
+import shutil
+import time
+
+import h5py
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from data import UserError, atomic_write, process_h5ad, read_gene_list, scbert_tokens
+from model import ModelConfig, ScBERT
+
+# -----------------------------------------------------------------------------
+ckpt = 'out/best.pt'           # our checkpoint from train.py, or an original scBERT checkpoint (.pth)
+input = ''                     # the .h5ad file to annotate
+output = 'predictions.csv'     # CSV: cell_id,predicted_label,probability,second_label,second_probability
+output_h5ad = ''               # also write a copy of the input with the predictions as new obs columns ('' = no)
+embeddings = ''                # also save cell embeddings (mean encoder output, n_cells x n_embd) as .npy ('' = no)
+unassigned_threshold = 0.5     # 'Unassigned' when the top probability is below this (scBERT's rule; 0 = off)
+batch_size = 32                # cells per forward pass
+layer = 'auto'                 # matrix to read: auto | X | raw | <layer name> (as prepare_data.py)
+gene_key = ''                  # var column holding gene symbols ('' = the var index)
+min_genes = 200                # cells with fewer expressed genes are flagged as failing QC (still annotated)
+vocab = ''                     # original scBERT only: its gene panel, one symbol per line, in the checkpoint's order
+label_names = ''               # original scBERT only: class names, one per line, in class-index order
+device = 'auto'                # 'auto' | 'cpu' | 'cuda'
+num_threads = 0                # CPU threads (0 = PyTorch's default)
+# -----------------------------------------------------------------------------
+from configurator import configure  # noqa: E402
+config = configure(globals())
+
+if not input:
+    raise UserError('no input: set --input=<file.h5ad>')
+if not os.path.isfile(ckpt):
+    raise UserError(f'checkpoint {ckpt} not found (set --ckpt=<train.py out_dir>/best.pt)')
+if num_threads:
+    torch.set_num_threads(num_threads)
+torch.set_flush_denormal(True)
+device = ('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device
+autocast = torch.autocast('cuda', dtype=torch.bfloat16) if 'cuda' in device else torch.autocast('cpu', enabled=False)
+
+# the model, its gene vocabulary and its class names
+try:
+    checkpoint = torch.load(ckpt, map_location='cpu', weights_only=True)
+except Exception as e:
+    raise UserError(f'cannot read checkpoint {ckpt} ({type(e).__name__}); it is corrupt or not a PyTorch checkpoint') from None
+if isinstance(checkpoint, dict) and 'model_args' in checkpoint:          # ours
+    model = ScBERT(ModelConfig(**checkpoint['model_args']))
+    state = {k.replace('_orig_mod.', '').removeprefix('module.'): v for k, v in checkpoint['model'].items()}
+    model.load_state_dict(state)
+    genes, classes, log_base = list(checkpoint['vocab']), list(checkpoint['label_names']), checkpoint['log_base']
+    if vocab or label_names:
+        print('note: vocab and label_names are taken from the checkpoint; the settings are only for original checkpoints')
+else:                                                                    # the original release's
+    if not (vocab and label_names):
+        raise UserError(f'{ckpt} is an original scBERT checkpoint: also set --vocab=<gene panel file> and '
+                        f'--label_names=<class names file> (one per line, in the checkpoint order)')
+    try:
+        model = ScBERT.from_scbert(checkpoint)
+    except (ValueError, AttributeError) as e:
+        raise UserError(f'{ckpt} is neither a nanoscBERT nor an original scBERT checkpoint ({e})') from None
+    genes, classes, log_base = read_gene_list(vocab), read_gene_list(label_names), 2.0    # scBERT used log2
+    if len(genes) != model.config.n_genes:
+        raise UserError(f'{vocab} has {len(genes)} genes but {ckpt} was trained on {model.config.n_genes}; '
+                        f'give the panel the checkpoint was trained with, in its order')
+    if len(classes) != model.config.n_classes:
+        raise UserError(f'{label_names} has {len(classes)} names but {ckpt} has {model.config.n_classes} classes')
+if model.cls_head is None:
+    raise UserError(f'{ckpt} is a pretrained model without a classifier; fine-tune it first (train.py --mode=finetune '
+                    f'--init_from={ckpt})')
+model.to(device).eval()
+n_bins = model.config.n_bins
+
+# the cells, processed exactly as prepare_data.py does, aligned to the checkpoint's genes
+cells = process_h5ad(input, layer=layer, gene_key=gene_key, log_base=log_base, vocab=genes, min_genes=min_genes)
+print(cells.summary())
+if cells.n_matched < 0.5 * len(genes):
+    print(f'warning: only {cells.n_matched} of the model\'s {len(genes)} genes are in {input}; predictions may be poor')
+
+probs, embeds, qc_pass = [], [], []
+t0 = time.time()
+with torch.no_grad():
+    for chunk in cells:
+        n = len(chunk.indptr) - 1
+        dense = np.zeros((n, len(genes)), dtype=np.float32)               # (cells, genes) of this chunk
+        dense[np.repeat(np.arange(n), np.diff(chunk.indptr)), chunk.indices] = chunk.values
+        qc_pass.append(chunk.passed_qc)
+        for start in range(0, n, batch_size):
+            tokens = scbert_tokens(torch.from_numpy(dense[start:start + batch_size]), log_base, n_bins).to(device)
+            with autocast:
+                h = model.encode(tokens)                                   # (B, n_genes + 1, n_embd)
+                logits = model.cls_head(h)
+            probs.append(logits.float().softmax(-1).cpu().numpy())
+            if embeddings:
+                embeds.append(h.float().mean(1).cpu().numpy())
+elapsed = time.time() - t0
+prob, qc_pass = np.concatenate(probs), np.concatenate(qc_pass)
+
+# top two classes per cell; 'Unassigned' below the threshold
+order = np.argsort(-prob, axis=1)
+top, second = order[:, 0], order[:, 1] if prob.shape[1] > 1 else order[:, 0]
+top_p, second_p = prob[np.arange(len(prob)), top], prob[np.arange(len(prob)), second]
+names = np.array(classes, dtype=object)
+predicted = np.where(top_p < unassigned_threshold, 'Unassigned', names[top])
+
+
+def csv_field(s):
+    s = str(s)
+    return '"' + s.replace('"', '""') + '"' if any(c in s for c in ',"\n') else s
+
+
+with atomic_write(output) as tmp:
+    with open(tmp, 'w') as f:
+        f.write('cell_id,predicted_label,probability,second_label,second_probability\n')
+        for row in zip(cells.cell_ids, predicted, top_p, names[second], second_p):
+            f.write(f'{csv_field(row[0])},{csv_field(row[1])},{row[2]:.6f},{csv_field(row[3])},{row[4]:.6f}\n')
+if embeddings:
+    with atomic_write(embeddings) as tmp:
+        with open(tmp, 'wb') as f:
+            np.save(f, np.concatenate(embeds))
+
+
+def add_obs_columns(path, columns):
+    """Add columns {name: 1-d array} to obs of an .h5ad file in place, in the encoding the file already uses."""
+    with h5py.File(path, 'r+') as f:
+        obs = f['obs']
+        if isinstance(obs, h5py.Dataset):               # legacy (< 0.7): obs is one structured array; rewrite it
+            old = obs[()]
+            new_fields = [(k, 'S64' if v.dtype == object else v.dtype) for k, v in columns.items()]
+            kept = [(name, old.dtype.fields[name][0]) for name in old.dtype.names if name not in columns]
+            table = np.empty(len(old), dtype=kept + new_fields)
+            for name, _ in kept:
+                table[name] = old[name]
+            for name, values in columns.items():
+                table[name] = np.char.encode(values.astype(str), 'utf-8') if values.dtype == object else values
+            del f['obs']
+            f['obs'] = table
+            return
+        order = [c.decode() if isinstance(c, bytes) else c for c in obs.attrs.get('column-order', [])]
+        for name, values in columns.items():
+            if name in obs:
+                del obs[name]
+            if values.dtype == object:
+                obs.create_dataset(name, data=values.astype(str).astype(object), dtype=h5py.string_dtype())
+                obs[name].attrs.update({'encoding-type': 'string-array', 'encoding-version': '0.2.0'})
+            else:
+                obs.create_dataset(name, data=values)
+                obs[name].attrs.update({'encoding-type': 'array', 'encoding-version': '0.2.0'})
+            if name not in order:
+                order.append(name)
+        obs.attrs['column-order'] = np.array(order, dtype=object) if order else np.array([], dtype='S1')
+
+
+if output_h5ad:
+    with atomic_write(output_h5ad) as tmp:
+        shutil.copyfile(input, tmp)
+        add_obs_columns(tmp, {'scbert_prediction': predicted.astype(object), 'scbert_probability': top_p.astype(np.float32),
+                              'scbert_second': names[second].astype(object), 'scbert_second_probability': second_p.astype(np.float32),
+                              'scbert_qc_pass': qc_pass.astype(bool)})
+
+n_unassigned, n_fail = int((predicted == 'Unassigned').sum()), int((~qc_pass).sum())
+print(f'annotated {len(prob)} cells in {elapsed:.1f} s ({len(prob) / max(elapsed, 1e-9):.1f} cells/s) -> {output}'
+      + (f', {output_h5ad}' if output_h5ad else '') + (f', {embeddings}' if embeddings else ''))
+print(f'{n_unassigned} Unassigned (top probability < {unassigned_threshold}); '
+      f'{n_fail} cells with fewer than {min_genes} expressed genes (flagged in scbert_qc_pass, still annotated)')
+for name, count in zip(*np.unique(predicted, return_counts=True)):
+    print(f'  {count:6d}  {name}')

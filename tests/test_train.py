@@ -1,0 +1,197 @@
+"""train.py and predict.py end to end, as subprocesses on small real data: loss falls, resume is exact, DDP matches one
+process, original scBERT checkpoints fine-tune and predict, bad input fails cleanly, and the README quick start runs."""
+import csv
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from test_data import FIXTURES, SHARED, write_h5ad
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONUNBUFFERED': '1'}
+TINY = ['--n_embd=16', '--n_layer=1', '--n_head=2', '--dim_head=8', '--head_hidden=16', '--num_threads=1', '--batch_size=8']
+
+
+def run(script, *args, check=True):
+    result = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT, env=ENV,
+                            capture_output=True, text=True, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f'{script} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}')
+    return result
+
+
+def user_error(result, pattern):
+    """A bad input: non-zero exit, one 'error:' line naming the problem, no traceback."""
+    assert result.returncode != 0
+    assert 'Traceback' not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith('error:')]
+    assert len(lines) == 1 and re.search(pattern, lines[0]), result.stderr
+
+
+@pytest.fixture(scope='module')
+def baron(tmp_path_factory):
+    """78 real Baron cells x 385 genes, prepared (counts -> log2 CPM-style values, 5 stratified folds)."""
+    if not FIXTURES.exists():
+        pytest.skip('shared data not available')
+    out = tmp_path_factory.mktemp('data') / 'baron'
+    run('prepare_data.py', f'--input={FIXTURES / "counts_csr.h5ad"}', f'--out_dir={out}', '--label_key=cell_type',
+        '--min_genes=10')
+    return out
+
+
+def state(path):
+    return torch.load(path, weights_only=True)
+
+
+def test_finetune_loss_falls_and_writes_outputs(baron, tmp_path):
+    out = tmp_path / 'out'
+    run('train.py', f'--dataset={baron}', f'--out_dir={out}', *TINY, '--max_iters=60', '--eval_interval=20',
+        '--learning_rate=3e-3', '--warmup_iters=5', '--log_interval=5')
+    ckpt = state(out / 'ckpt.pt')
+    loss = ckpt['history']['train_loss']                       # starts at ln(13 classes) = 2.56
+    assert np.mean(loss[-3:]) < 0.85 * np.mean(loss[:2]), loss
+    metrics = json.loads((out / 'metrics.json').read_text())
+    assert set(metrics['test']) >= {'accuracy', 'macro_f1', 'weighted_f1', 'per_class', 'macro_auroc', 'confusion'}
+    assert metrics['n_test'] == sum(metrics['test']['per_class'][c]['support'] for c in metrics['test']['per_class'])
+    assert set(metrics['baseline']) >= {'accuracy', 'macro_f1'}
+    for name in ('best.pt', 'loss.png', 'confusion.png', 'vocab.txt'):
+        assert (out / name).stat().st_size > 0
+    assert not list(out.glob('*.tmp*'))
+
+
+def test_pretrain_loss_falls(baron, tmp_path):
+    out = tmp_path / 'out'
+    result = run('train.py', '--mode=pretrain', f'--dataset={baron}', f'--out_dir={out}', *TINY, '--max_iters=60',
+                 '--eval_interval=59', '--learning_rate=3e-3', '--warmup_iters=5')
+    history = state(out / 'ckpt.pt')['history']
+    assert history['val_loss'][-1] < history['val_loss'][0] - 0.2, history['val_loss']
+    assert history['val_masked_acc'][-1] > history['val_masked_acc'][0]
+    assert 'masked-bin accuracy' in result.stderr + result.stdout
+
+
+def test_resume_reaches_the_same_result(baron, tmp_path):
+    args = [f'--dataset={baron}', *TINY, '--max_iters=24', '--eval_interval=8', '--baseline=False', '--dropout=0.1']
+    run('train.py', f'--out_dir={tmp_path / "a"}', *args)
+    run('train.py', f'--out_dir={tmp_path / "b"}', *args, '--stop_iter=13')        # "killed" between checkpoints
+    assert state(tmp_path / 'b' / 'ckpt.pt')['iter_num'] == 8
+    run('train.py', f'--out_dir={tmp_path / "b"}', *args, '--init_from=resume')
+    a, b = state(tmp_path / 'a' / 'ckpt.pt'), state(tmp_path / 'b' / 'ckpt.pt')
+    for k in a['model']:
+        assert torch.equal(a['model'][k], b['model'][k]), k
+    ma, mb = (json.loads((tmp_path / d / 'metrics.json').read_text()) for d in 'ab')
+    assert ma['test'] == mb['test'] and ma['best_iter'] == mb['best_iter']
+
+
+def test_ddp_two_processes_match_one(baron, tmp_path):
+    args = [f'--dataset={baron}', '--n_embd=16', '--n_layer=1', '--n_head=2', '--dim_head=8', '--head_hidden=16',
+            '--max_iters=6', '--eval_interval=100', '--baseline=False', '--feature_redraw_interval=2']
+    run('train.py', f'--out_dir={tmp_path / "one"}', *args, '--batch_size=8', '--num_threads=1')
+    torchrun = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']
+    result = subprocess.run([*torchrun, str(ROOT / 'train.py'), f'--out_dir={tmp_path / "two"}', *args, '--batch_size=4'],
+                            cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, two = state(tmp_path / 'one' / 'ckpt.pt'), state(tmp_path / 'two' / 'ckpt.pt')
+    for k in one['model']:
+        assert torch.allclose(one['model'][k].float(), two['model'][k].float(), atol=1e-5), k
+    assert int(two['model']['n_redraws']) == int(one['model']['n_redraws']) > 0
+
+
+def test_predict_end_to_end(baron, tmp_path):
+    out = tmp_path / 'out'
+    run('train.py', f'--dataset={baron}', f'--out_dir={out}', *TINY, '--max_iters=30', '--eval_interval=10',
+        '--baseline=False', '--learning_rate=3e-3')
+    source = FIXTURES / 'counts_csr.h5ad'
+    result = run('predict.py', f'--ckpt={out / "best.pt"}', f'--input={source}', f'--output={tmp_path / "p.csv"}',
+                 f'--output_h5ad={tmp_path / "p.h5ad"}', f'--embeddings={tmp_path / "e.npy"}',
+                 '--unassigned_threshold=0', '--min_genes=150')
+    assert 'matched 385 / vocab 385 / data 385' in result.stdout
+    rows = list(csv.reader(open(tmp_path / 'p.csv')))
+    assert rows[0] == ['cell_id', 'predicted_label', 'probability', 'second_label', 'second_probability']
+    with h5py.File(source) as f:
+        n_cells = f['X/indptr'].shape[0] - 1
+    assert len(rows) == n_cells + 1                                          # every cell, none dropped
+    labels = state(out / 'best.pt')['label_names']
+    for row in rows[1:]:
+        assert row[1] in labels and row[3] in labels and 1 >= float(row[2]) >= float(row[4]) >= 0
+    assert np.load(tmp_path / 'e.npy').shape == (n_cells, 16)
+    import data
+    annotated = data.read_h5ad(tmp_path / 'p.h5ad')
+    assert list(annotated.obs_column('scbert_prediction')) == [r[1] for r in rows[1:]]
+    qc = annotated.obs_column('scbert_qc_pass')
+    assert 0 < sum(v in (True, 'True') for v in qc) < n_cells                 # some cells flagged, all still annotated
+    # scBERT's novelty rule: a threshold above every probability calls every cell Unassigned
+    run('predict.py', f'--ckpt={out / "best.pt"}', f'--input={source}', f'--output={tmp_path / "u.csv"}',
+        '--unassigned_threshold=1.01')
+    assert {r[1] for r in list(csv.reader(open(tmp_path / 'u.csv')))[1:]} == {'Unassigned'}
+
+
+def test_original_scbert_checkpoint_predicts_and_finetunes(tmp_path):
+    """The reference cells, written to an .h5ad, through predict.py with the original's fine-tuned checkpoint and
+    through train.py from the original's pretrained checkpoint."""
+    ref = SHARED / 'scbert_ref'
+    if not ref.exists():
+        pytest.skip('reference artefacts not available')
+    io = torch.load(ref / 'io.pt', weights_only=True)
+    genes = [f'GENE{i}' for i in range(io['counts'].shape[1])]
+    (tmp_path / 'panel.txt').write_text('\n'.join(genes) + '\n')
+    (tmp_path / 'labels.txt').write_text('A\nB\nC\nD\nE\n')
+    write_h5ad(tmp_path / 'cells.h5ad', io['counts'].numpy(), genes, obs={'cell_type': ['A', 'B', 'A']})
+    run('predict.py', f'--ckpt={ref / "finetune_state_dict.pt"}', f'--input={tmp_path / "cells.h5ad"}',
+        f'--vocab={tmp_path / "panel.txt"}', f'--label_names={tmp_path / "labels.txt"}', f'--output={tmp_path / "p.csv"}')
+    rows = list(csv.reader(open(tmp_path / 'p.csv')))[1:]
+    prob = io['finetune_prob_single']
+    for row, p in zip(rows, prob):
+        assert abs(float(row[2]) - p.max().item()) < 1e-5 and row[1] == 'Unassigned'     # all below 0.5 in the reference
+        assert row[3] == 'ABCDE'[p.argsort(descending=True)[1]]
+    # without the panel and label files, the original checkpoint is refused with a hint
+    user_error(run('predict.py', f'--ckpt={ref / "finetune_state_dict.pt"}', f'--input={tmp_path / "cells.h5ad"}',
+                   check=False), 'original scBERT checkpoint.*--vocab')
+    # fine-tune from the original pretrained weights on data aligned to its panel
+    write_h5ad(tmp_path / 'train.h5ad', np.tile(io['counts'].numpy(), (4, 1)), genes,
+               obs={'cell_type': ['A', 'B', 'C'] * 4})
+    run('prepare_data.py', f'--input={tmp_path / "train.h5ad"}', f'--out_dir={tmp_path / "d"}', '--label_key=cell_type',
+        f'--vocab={tmp_path / "panel.txt"}', '--n_folds=3')
+    out = tmp_path / 'out'
+    run('train.py', f'--dataset={tmp_path / "d"}', f'--out_dir={out}', f'--init_from={ref / "pretrain_state_dict.pt"}',
+        '--finetune_params=scbert', '--max_iters=2', '--eval_interval=1', '--num_threads=1', '--batch_size=2')
+    ckpt = state(out / 'ckpt.pt')
+    pretrained = torch.load(ref / 'pretrain_state_dict.pt', weights_only=True)
+    assert ckpt['model_args']['n_embd'] == 200 and ckpt['model_args']['n_classes'] == 3
+    # finetune_params=scbert trains the head, the final norm and block[-2] only, as the original's finetune.py
+    assert torch.equal(ckpt['model']['blocks.0.attn.to_q.weight'], pretrained['performer.net.layers.0.0.fn.to_q.weight'])
+    assert not torch.equal(ckpt['model']['blocks.4.attn.to_q.weight'], pretrained['performer.net.layers.4.0.fn.to_q.weight'])
+
+
+def test_bad_input(baron, tmp_path):
+    user_error(run('train.py', f'--dataset={baron}', '--init_from=nope.pt', f'--out_dir={tmp_path}', check=False),
+               'nope.pt not found')
+    (tmp_path / 'corrupt.pt').write_bytes(b'not a checkpoint at all')
+    user_error(run('train.py', f'--dataset={baron}', f'--init_from={tmp_path / "corrupt.pt"}', f'--out_dir={tmp_path}',
+                   check=False), 'corrupt')
+    user_error(run('predict.py', f'--ckpt={tmp_path / "corrupt.pt"}', f'--input={FIXTURES / "counts_csr.h5ad"}',
+                   check=False), 'corrupt')
+    user_error(run('train.py', f'--dataset={tmp_path / "missing"}', check=False), 'prepare_data')
+    user_error(run('train.py', '--batchsize=3', check=False), "did you mean 'batch_size'")
+    user_error(run('train.py', f'--dataset={baron}', '--fold=7', check=False), 'fold')
+    user_error(run('predict.py', '--ckpt=missing.pt', f'--input={FIXTURES / "counts_csr.h5ad"}', check=False), 'not found')
+
+
+def test_readme_quick_start(tmp_path):
+    """The quick start's commands, run as written but with shortened overrides."""
+    readme = (ROOT / 'README.md').read_text()
+    block = readme.split('## Quick start', 1)[1].split('```', 2)[1]
+    commands = [line.strip() for line in block.splitlines() if line.strip() and not line.startswith('#')]
+    train = next(c for c in commands if 'python train.py' in c)
+    assert train.endswith('python train.py') and any('pytest' in c for c in commands)
+    run('train.py', f'--out_dir={tmp_path}', *TINY, '--max_iters=4', '--eval_interval=2')
+    assert json.loads((tmp_path / 'metrics.json').read_text())['test']['accuracy'] >= 0
+    assert (ROOT / 'data' / 'pbmc68k' / 'meta.json').exists()
