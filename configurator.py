@@ -142,7 +142,7 @@ def descriptions(path):
     found = {}
     for node in tree.body:
         if isinstance(node, (ast.Assign, ast.AnnAssign)):
-            for target in getattr(node, 'targets', [getattr(node, 'target', None)]):
+            for target in node.targets if isinstance(node, ast.Assign) else [node.target]:
                 if isinstance(target, ast.Name):
                     comment = comments.get(node.lineno) or comments.get(node.end_lineno)
                     if comment:

@@ -98,7 +98,9 @@ def softmax_kernel(x, projection, is_query, batch_max=False, eps=1e-4):
             stab = x_proj.amax(-1, keepdim=True)                        # (B, H, L, 1)
         else:
             stab = x_proj.amax() if batch_max else x_proj.amax((-3, -2, -1), keepdim=True)   # () or (B, 1, 1, 1)
-    return torch.exp(x_proj - (half_sq_norm + stab)) + eps
+    # in place: the (B, H, L, m) tensor is the biggest in the model (180 MB per layer for one full-size cell), and
+    # autograd allows it, since matmul's backward needs its inputs, not its output, and exp's needs only its output
+    return x_proj.sub_(half_sq_norm + stab).exp_() + eps
 
 
 def favor_attention(q, k, v, projection, batch_max=False):

@@ -65,13 +65,13 @@ if isinstance(checkpoint, dict) and 'model_args' in checkpoint:          # ours
     if vocab or label_names:
         print('note: vocab and label_names are taken from the checkpoint; the settings are only for original checkpoints')
 else:                                                                    # the original release's
+    try:
+        model = ScBERT.from_scbert(checkpoint)
+    except (ValueError, AttributeError, KeyError) as e:
+        raise UserError(f'{ckpt} is neither a nanoscBERT nor an original scBERT checkpoint ({e})') from None
     if not (vocab and label_names):
         raise UserError(f'{ckpt} is an original scBERT checkpoint: also set --vocab=<gene panel file> and '
                         f'--label_names=<class names file> (one per line, in the checkpoint order)')
-    try:
-        model = ScBERT.from_scbert(checkpoint)
-    except (ValueError, AttributeError) as e:
-        raise UserError(f'{ckpt} is neither a nanoscBERT nor an original scBERT checkpoint ({e})') from None
     genes, classes, log_base = read_gene_list(vocab), read_gene_list(label_names), 2.0    # scBERT used log2
     if len(genes) != model.config.n_genes:
         raise UserError(f'{vocab} has {len(genes)} genes but {ckpt} was trained on {model.config.n_genes}; '

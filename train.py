@@ -130,7 +130,8 @@ if not os.path.exists(os.path.join(dataset, 'meta.json')) and os.path.normpath(d
     if master:
         log(f'{dataset} is missing: preparing it from the embedded data/pbmc68k_reduced.h5ad')
         here = os.path.dirname(os.path.abspath(__file__))
-        result = subprocess.run([sys.executable, os.path.join(here, 'prepare_data.py'), f'--out_dir={dataset}'])
+        result = subprocess.run([sys.executable, os.path.join(here, 'prepare_data.py'), f'--out_dir={dataset}',
+                                 f'--input={os.path.join(here, "data", "pbmc68k_reduced.h5ad")}'])
         if result.returncode != 0:
             sys.exit(result.returncode)
     if ddp:
@@ -177,6 +178,8 @@ def make_model(fold_dir):
         return model, None
     path = os.path.join(fold_dir, 'ckpt.pt') if init_from == 'resume' else init_from
     ckpt = load_checkpoint(path)
+    if not isinstance(ckpt, dict):
+        raise UserError(f'{path} holds a {type(ckpt).__name__}, not a checkpoint dict or state dict')
     if 'model_args' in ckpt:                                       # ours
         if ckpt.get('vocab') and list(ckpt['vocab']) != data.vocab:
             raise UserError(f'{path} was trained on another gene vocabulary than {dataset}; prepare the data with '
@@ -194,7 +197,7 @@ def make_model(fold_dir):
             raise UserError(f'{path} does not match its model_args (missing {missing[:3]}, unexpected {unexpected[:3]})')
     else:                                                          # the original release's
         try:
-            model = ScBERT.from_scbert(ckpt)
+            model = ScBERT.from_scbert(ckpt, dropout=dropout, seed=seed)
         except ValueError as e:
             raise UserError(f'{path}: {e}') from None
         if model.config.n_genes != data.n_genes:
@@ -203,7 +206,6 @@ def make_model(fold_dir):
         if model.config.n_classes != n_classes:                     # pretrained (or other labels): a fresh classifier
             model.config.n_classes = n_classes
             model.cls_head = Classifier(model.config) if n_classes else None
-        model.config.dropout = dropout
         ckpt = None
     if init_from != 'resume':
         ckpt = None
@@ -457,4 +459,5 @@ if master and len(results) > 1 and all(results) and mode == 'finetune':
             log(f'{len(results)}-fold CV  {name:20s} accuracy {s["accuracy"]["mean"]:.3f} ± {s["accuracy"]["sd"]:.3f}   '
                 f'macro-F1 {s["macro_f1"]["mean"]:.3f} ± {s["macro_f1"]["sd"]:.3f}')
 if ddp:
+    dist.barrier()                                                 # rank 0 may still be scoring the test fold
     dist.destroy_process_group()
