@@ -87,12 +87,16 @@ class H5AD:
             raise UserError(f"{path} is not a file (set --input=<an existing .h5ad file>)")
         if not h5py.is_hdf5(path):
             raise UserError(f"{path} is not an HDF5 file (an .h5ad file written by anndata is expected)")
-        self.path, self.file = path, h5py.File(path, 'r')
-        if 'obs' not in self.file or 'var' not in self.file or not self.matrices():
-            raise UserError(f"{path} is HDF5 but not AnnData (no obs/var/X); write it with anndata's "
-                            f"adata.write_h5ad()")
-        self.n_obs = len(self.obs_names)
-        self.n_vars = len(self.var_names())
+        try:
+            self.path, self.file = path, h5py.File(path, 'r')
+            if 'obs' not in self.file or 'var' not in self.file or not self.matrices():
+                raise UserError(f"{path} is HDF5 but not AnnData (no obs/var/X); write it with anndata's "
+                                f"adata.write_h5ad()")
+            self.n_obs = len(self.obs_names)
+            self.n_vars = len(self.var_names())
+        except (OSError, KeyError, ValueError, TypeError) as e:   # truncated file, missing _index, odd encodings
+            raise UserError(f"{path} is not a readable AnnData file ({type(e).__name__}: {e}); "
+                            f"write it again with anndata's adata.write_h5ad()") from None
 
     def matrices(self):
         found = ['X'] if 'X' in self.file else []
@@ -397,10 +401,11 @@ class Dataset:
             if (len(self.vocab), len(self.labels)) != (self.meta['n_genes'], self.meta['n_cells']):
                 raise ValueError(f"{len(self.vocab)} genes x {len(self.labels)} cells, meta.json says "
                                  f"{self.meta['n_genes']} x {self.meta['n_cells']}")
-        except (OSError, ValueError, KeyError) as e:
+            self.n_cells, self.n_genes = self.meta['n_cells'], self.meta['n_genes']
+            self.log_base, self.label_names = self.meta['log_base'], self.meta['label_names']
+            self.n_folds = int(self.meta['n_folds'])
+        except (OSError, ValueError, KeyError, TypeError) as e:
             raise UserError(f"{path} is corrupt ({type(e).__name__}: {e}); re-{fix}") from None
-        self.n_cells, self.n_genes = self.meta['n_cells'], self.meta['n_genes']
-        self.log_base, self.label_names = self.meta['log_base'], self.meta['label_names']
 
     def rows(self, idx):
         """CSR (indptr int64 [len(idx)+1], indices int32, values float32) of cells idx, in idx's order."""

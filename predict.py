@@ -46,6 +46,11 @@ if not input:
     raise UserError('no input: set --input=<file.h5ad>')
 if not os.path.isfile(ckpt):
     raise UserError(f'checkpoint {ckpt} not found (set --ckpt=<train.py out_dir>/best.pt)')
+for path in (output, output_h5ad, embeddings):                 # fail now, not after the whole inference
+    if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        raise UserError(f'the folder of {path} does not exist; create it or choose another path')
+if device != 'auto' and 'cuda' in device and not torch.cuda.is_available():
+    raise UserError(f"device '{device}' asked for, but CUDA is not available here (set --device=cpu or auto)")
 if num_threads:
     torch.set_num_threads(num_threads)
 torch.set_flush_denormal(True)
@@ -58,17 +63,23 @@ try:
 except Exception as e:
     raise UserError(f'cannot read checkpoint {ckpt} ({type(e).__name__}); it is corrupt or not a PyTorch checkpoint') from None
 if isinstance(checkpoint, dict) and 'model_args' in checkpoint:          # ours
-    model = ScBERT(ModelConfig(**checkpoint['model_args']))
-    state = {k.replace('_orig_mod.', '').removeprefix('module.'): v for k, v in checkpoint['model'].items()}
-    model.load_state_dict(state)
-    genes, classes, log_base = list(checkpoint['vocab']), list(checkpoint['label_names']), checkpoint['log_base']
+    try:
+        model = ScBERT(ModelConfig(**checkpoint['model_args']))
+        state = {k.replace('_orig_mod.', '').removeprefix('module.'): v for k, v in checkpoint['model'].items()}
+        model.load_state_dict(state)
+        genes, classes, log_base = list(checkpoint['vocab']), list(checkpoint['label_names']), checkpoint['log_base']
+    except (KeyError, TypeError, RuntimeError, AssertionError) as e:
+        raise UserError(f'{ckpt} is damaged ({type(e).__name__}: {str(e)[:200]})') from None
     if vocab or label_names:
         print('note: vocab and label_names are taken from the checkpoint; the settings are only for original checkpoints')
 else:                                                                    # the original release's
     try:
         model = ScBERT.from_scbert(checkpoint)
-    except (ValueError, AttributeError, KeyError) as e:
+    except (ValueError, AttributeError, KeyError, RuntimeError) as e:
         raise UserError(f'{ckpt} is neither a nanoscBERT nor an original scBERT checkpoint ({e})') from None
+    if model.cls_head is None:
+        raise UserError(f'{ckpt} is a pretrained original scBERT without a classifier; fine-tune it first '
+                        f'(train.py --init_from={ckpt})')
     if not (vocab and label_names):
         raise UserError(f'{ckpt} is an original scBERT checkpoint: also set --vocab=<gene panel file> and '
                         f'--label_names=<class names file> (one per line, in the checkpoint order)')
@@ -139,13 +150,14 @@ def add_obs_columns(path, columns):
         obs = f['obs']
         if isinstance(obs, h5py.Dataset):               # legacy (< 0.7): obs is one structured array; rewrite it
             old = obs[()]
-            new_fields = [(k, 'S64' if v.dtype == object else v.dtype) for k, v in columns.items()]
+            encoded = {k: np.char.encode(v.astype(str), 'utf-8') for k, v in columns.items() if v.dtype == object}
+            new_fields = [(k, encoded[k].dtype if k in encoded else v.dtype) for k, v in columns.items()]
             kept = [(name, old.dtype.fields[name][0]) for name in old.dtype.names if name not in columns]
             table = np.empty(len(old), dtype=kept + new_fields)
             for name, _ in kept:
                 table[name] = old[name]
             for name, values in columns.items():
-                table[name] = np.char.encode(values.astype(str), 'utf-8') if values.dtype == object else values
+                table[name] = encoded.get(name, values)
             del f['obs']
             f['obs'] = table
             return

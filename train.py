@@ -74,6 +74,7 @@ class_weights = False          # weight the loss by inverse class frequency in t
 mask_prob = 0.15               # pretraining: fraction of each cell's non-zero genes masked (scBERT's)
 replace_prob = 0.9             # pretraining: fraction of masked genes replaced by the mask token (scBERT's)
 baseline = True                # also fit logistic regression on the same folds and print it beside the model
+baseline_max_cells = 20000     # fit the baseline on at most this many training cells (a stratified sample)
 lr_C = 1.0                     # inverse L2 strength of the logistic-regression baseline
 # system
 device = 'auto'                # 'auto' | 'cpu' | 'cuda' | 'cuda:1' ...
@@ -85,10 +86,17 @@ seed = 1337                    # seeds initialisation, batches, masks and dropou
 from configurator import configure  # noqa: E402
 config = configure(globals())
 
-if mode not in ('pretrain', 'finetune'):
-    raise UserError(f"mode must be 'pretrain' or 'finetune', not '{mode}'")
-if finetune_params not in ('all', 'head', 'scbert'):
-    raise UserError(f"finetune_params must be 'all', 'head' or 'scbert', not '{finetune_params}'")
+choices = dict(mode=('pretrain', 'finetune'), finetune_params=('all', 'head', 'scbert'), optimizer=('adamw', 'adam'),
+               lr_schedule=('linear', 'cosine', 'constant'), attention=('performer', 'sdpa'), head=('scbert', 'pooled'),
+               dtype=('auto', 'float32', 'bfloat16', 'float16'))
+for name, allowed in choices.items():
+    if globals()[name] not in allowed:
+        raise UserError(f"{name} must be one of {', '.join(allowed)}, not '{globals()[name]}' (set --{name}=...)")
+for name in ('max_iters', 'eval_interval', 'log_interval', 'batch_size', 'grad_accum'):
+    if globals()[name] < 1:
+        raise UserError(f'{name} must be at least 1, not {globals()[name]} (set --{name}=...)')
+if device != 'auto' and 'cuda' in device and not torch.cuda.is_available():
+    raise UserError(f"device '{device}' asked for, but CUDA is not available here (set --device=cpu or auto)")
 
 # DDP: torchrun sets RANK; one process per GPU, or per CPU slot with gloo
 ddp = int(os.environ.get('RANK', -1)) != -1
@@ -137,7 +145,7 @@ if not os.path.exists(os.path.join(dataset, 'meta.json')) and os.path.normpath(d
     if ddp:
         dist.barrier()
 data = Dataset(dataset)
-n_folds = int(data.meta['n_folds'])
+n_folds = data.n_folds
 if mode == 'finetune' and not data.label_names:
     raise UserError(f'{dataset} has no labels; prepare it with --label_key=<obs column> to fine-tune, or use --mode=pretrain')
 
@@ -164,23 +172,33 @@ def make_model(fold_dir):
                       dim_head=dim_head, ff_mult=ff_mult, attention=attention, nb_features=nb_features,
                       feature_redraw_interval=feature_redraw_interval, dropout=dropout, n_classes=n_classes,
                       head=head, head_hidden=head_hidden, seed=seed)
-    ckpt = None
-    if init_from == 'scratch':
-        model = ScBERT(ModelConfig(**model_args))
-        if gene2vec:
-            if not os.path.isfile(gene2vec):
-                raise UserError(f'gene2vec file {gene2vec} not found')
-            weight = np.load(gene2vec, allow_pickle=False)
-            if weight.shape != (data.n_genes, n_embd):
-                raise UserError(f'gene2vec {gene2vec} has shape {weight.shape}; this dataset and n_embd need '
-                                f'({data.n_genes}, {n_embd}), rows in the vocab order of {dataset}/vocab.txt')
-            model.set_gene_embedding(weight, freeze=True)
-        return model, None
     path = os.path.join(fold_dir, 'ckpt.pt') if init_from == 'resume' else init_from
+    if init_from == 'resume' and fold == 'all' and not os.path.exists(path):
+        log(f'{path} not found: this fold starts from scratch')
+    elif init_from != 'scratch':
+        return load_model(path, model_args)
+    model = ScBERT(ModelConfig(**model_args))
+    if gene2vec:
+        if not os.path.isfile(gene2vec):
+            raise UserError(f'gene2vec file {gene2vec} not found')
+        weight = np.load(gene2vec, allow_pickle=False)
+        if weight.shape != (data.n_genes, n_embd):
+            raise UserError(f'gene2vec {gene2vec} has shape {weight.shape}; this dataset and n_embd need '
+                            f'({data.n_genes}, {n_embd}), rows in the vocab order of {dataset}/vocab.txt')
+        model.set_gene_embedding(weight, freeze=True)
+    return model, None
+
+
+def load_model(path, model_args):
+    """The model in a checkpoint (ours, or an original scBERT one), with a fresh classifier when the task differs;
+    returns (model, the checkpoint dict when resuming, else None)."""
+    n_classes = model_args['n_classes']
     ckpt = load_checkpoint(path)
     if not isinstance(ckpt, dict):
         raise UserError(f'{path} holds a {type(ckpt).__name__}, not a checkpoint dict or state dict')
     if 'model_args' in ckpt:                                       # ours
+        if init_from == 'resume' and ckpt.get('mode') != mode:
+            raise UserError(f"{path} is a {ckpt.get('mode')} run; resume it with --mode={ckpt.get('mode')}")
         if ckpt.get('vocab') and list(ckpt['vocab']) != data.vocab:
             raise UserError(f'{path} was trained on another gene vocabulary than {dataset}; prepare the data with '
                             f'--vocab=<that vocab> (train.py writes it to its out_dir/vocab.txt)')
@@ -188,18 +206,24 @@ def make_model(fold_dir):
         same_task = init_from == 'resume' or (args['n_classes'] == n_classes and ckpt.get('label_names') == data.label_names)
         if not same_task:                                          # e.g. pretrained -> fine-tune: a fresh classifier
             args.update(n_classes=n_classes, head=head, head_hidden=head_hidden, dropout=dropout)
-        model = ScBERT(ModelConfig(**args))
-        sd = clean_state_dict(ckpt['model'])
-        if not same_task:
-            sd = {k: v for k, v in sd.items() if not k.startswith('cls_head.')}
-        missing, unexpected = model.load_state_dict(sd, strict=False)
+        try:
+            model = ScBERT(ModelConfig(**args))
+            sd = clean_state_dict(ckpt['model'])
+            if not same_task:
+                sd = {k: v for k, v in sd.items() if not k.startswith('cls_head.')}
+            missing, unexpected = model.load_state_dict(sd, strict=False)
+        except (KeyError, TypeError, RuntimeError, AssertionError) as e:
+            raise UserError(f'{path} is damaged ({type(e).__name__}: {str(e)[:200]})') from None
         if unexpected or any(not k.startswith('cls_head.') for k in missing):
             raise UserError(f'{path} does not match its model_args (missing {missing[:3]}, unexpected {unexpected[:3]})')
+        differ = [k for k, v in model_args.items() if k in args and args[k] != v and k not in ('n_classes', 'dropout')]
+        if differ:                                                 # the architecture is the checkpoint's, say so
+            log(f'note: the model comes from {path}; its {", ".join(f"{k}={args[k]}" for k in differ)} replace the settings')
     else:                                                          # the original release's
         try:
             model = ScBERT.from_scbert(ckpt, dropout=dropout, seed=seed)
-        except ValueError as e:
-            raise UserError(f'{path}: {e}') from None
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise UserError(f'{path} is neither a nanoscBERT nor an original scBERT checkpoint ({e})') from None
         if model.config.n_genes != data.n_genes:
             raise UserError(f'{path} expects a {model.config.n_genes}-gene panel but {dataset} has {data.n_genes} genes; '
                             f'prepare the data with --vocab=<the checkpoint gene panel, one symbol per line>')
@@ -250,15 +274,19 @@ def batch_indices(train_idx, step):
     return perm[start:start + batch_size]
 
 
-def get_batch(idx, step=None, for_eval=False):
-    """Tokens (B, n_genes + 1) and targets: cell types, or the masked bins (-100 where not masked)."""
-    values = torch.from_numpy(data.dense(idx))
-    tokens = scbert_tokens(values, data.log_base, n_bins)
+def get_batch(idx, cfg, step=None):
+    """Tokens (B, n_genes + 1), binned as the model cfg expects, and targets: cell types, or the masked bins (-100
+    where not masked). Masks are fresh at every step (fixed for validation, step None), seeded by (step, cell): resume
+    repeats them, and they do not depend on how a global batch is split over ranks."""
+    tokens = scbert_tokens(torch.from_numpy(data.dense(idx)), data.log_base, cfg.n_bins)
     if mode == 'finetune':
-        targets = torch.from_numpy(data.labels[idx].astype(np.int64))
-    else:   # a fresh mask for every step (and a fixed one for validation), seeded so that resume repeats it
-        g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, 0 if for_eval else step + 1, rank]).generate_state(1)[0]))
-        tokens, targets = mask_tokens(tokens, mask_prob, replace_prob, mask_id=n_bins + 1, generator=g)
+        return tokens.to(device), torch.from_numpy(data.labels[idx].astype(np.int64)).to(device)
+    masked = []
+    for cell, row in zip(idx, tokens):
+        g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, 0 if step is None else step + 1, int(cell)])
+                                              .generate_state(1)[0]))
+        masked.append(mask_tokens(row[None], mask_prob, replace_prob, mask_id=cfg.mask_id, generator=g))
+    tokens, targets = (torch.cat(t) for t in zip(*masked))
     return tokens.to(device), targets.to(device)
 
 
@@ -269,7 +297,7 @@ def evaluate(model, idx):
     losses, preds, probs, correct, masked = [], [], [], 0, 0
     for start in range(0, len(idx), batch_size * 2):
         chunk = idx[start:start + batch_size * 2]
-        tokens, targets = get_batch(chunk, for_eval=True)
+        tokens, targets = get_batch(chunk, model.config)
         with autocast:
             logits, loss = model(tokens, targets)
         losses.append(loss.item() * len(chunk))
@@ -289,6 +317,18 @@ def evaluate(model, idx):
     return out
 
 
+def loss_share(targets, class_weight):
+    """world_size * this rank's share of the loss denominator (masked genes, or the summed class weights), so that
+    DDP's average of the ranks' gradients equals the gradient of the mean over the global batch."""
+    if mode == 'pretrain':
+        local = (targets != -100).sum().float()
+    else:
+        local = class_weight[targets].sum() if class_weight is not None else torch.tensor(float(len(targets)), device=device)
+    total = local.clone()
+    dist.all_reduce(total)
+    return local * world_size / total
+
+
 def save(path, obj):
     with atomic_write(path) as tmp:
         torch.save(obj, tmp)
@@ -301,24 +341,29 @@ def train_fold(k, fold_dir):
     train_idx, val_idx, test_idx = split_indices(data.folds, k, n_folds)
     if mode == 'pretrain':      # no labels to protect: train on every fold but the validation one
         train_idx, val_idx, test_idx = np.sort(np.concatenate([train_idx, test_idx])), val_idx, None
-    if len(train_idx) == 0 or len(val_idx) == 0:
-        raise UserError(f'{dataset} has too few cells for fold {k} of {n_folds} (train {len(train_idx)}, val {len(val_idx)})')
+    if len(train_idx) == 0 or len(val_idx) == 0 or (test_idx is not None and len(test_idx) == 0):
+        raise UserError(f'{dataset} has too few cells for fold {k} of {n_folds} (train {len(train_idx)}, val {len(val_idx)}, '
+                        f'test {0 if test_idx is None else len(test_idx)}); prepare it with fewer --n_folds')
     eval_idx = val_idx if not eval_cells or len(val_idx) <= eval_cells else \
         np.sort(np.random.default_rng(seed).choice(val_idx, eval_cells, replace=False))
     if master:
         os.makedirs(fold_dir, exist_ok=True)
-        with atomic_write(os.path.join(fold_dir, 'vocab.txt')) as tmp:
-            open(tmp, 'w').write('\n'.join(data.vocab) + '\n')
+        with atomic_write(os.path.join(fold_dir, 'vocab.txt')) as tmp, open(tmp, 'w') as f:
+            f.write('\n'.join(data.vocab) + '\n')
 
     torch.manual_seed(seed)
     model, ckpt = make_model(fold_dir)
     set_trainable(model)
     raw_model = model.to(device)
     optim = raw_model.configure_optimizer(optimizer, learning_rate, weight_decay, (beta1, beta2))
-    scaler = torch.amp.GradScaler(enabled=ptdtype == torch.float16)
+    scaler = torch.amp.GradScaler(enabled=ptdtype == torch.float16)   # fp16 only; a no-op otherwise
     iter_num, best, history = 0, {'macro_f1': -1.0, 'loss': float('inf'), 'iter': -1}, {'iter': [], 'train_loss': []}
     if ckpt is not None:                                           # resume: the same schedule from the next step
-        optim.load_state_dict(ckpt['optimizer'])
+        try:
+            optim.load_state_dict(ckpt['optimizer'])
+            scaler.load_state_dict(ckpt['scaler'])
+        except (KeyError, ValueError) as e:
+            raise UserError(f'cannot resume {fold_dir}/ckpt.pt with these settings ({e}); keep the settings it was started with') from None
         iter_num, best, history = ckpt['iter_num'] + 1, ckpt['best'], ckpt['history']
         if ckpt.get('done'):
             log(f'fold {k}: already finished in {fold_dir}')
@@ -340,7 +385,8 @@ def train_fold(k, fold_dir):
             f'{world_size} process(es) on {device}, {dtype}')
 
     def checkpoint(done=False):
-        state = {'model': raw_model.state_dict(), 'optimizer': optim.state_dict(), 'model_args': asdict(raw_model.config),
+        state = {'model': raw_model.state_dict(), 'optimizer': optim.state_dict(), 'scaler': scaler.state_dict(),
+                 'model_args': asdict(raw_model.config),
                  'iter_num': iter_num, 'best': best, 'history': history, 'config': config, 'mode': mode, 'fold': k,
                  'vocab': data.vocab, 'label_names': data.label_names, 'log_base': data.log_base, 'done': done}
         save(os.path.join(fold_dir, 'ckpt.pt'), state)
@@ -355,11 +401,13 @@ def train_fold(k, fold_dir):
         torch.manual_seed(seed + iter_num * world_size + rank)     # dropout: the same on resume
         for micro in range(grad_accum):
             step = iter_num * grad_accum + micro
-            tokens, targets = get_batch(batch_indices(train_idx, step), step)
+            tokens, targets = get_batch(batch_indices(train_idx, step), raw_model.config, step)
             sync = nullcontext() if (not ddp or micro == grad_accum - 1) else model.no_sync()
             with sync:
                 with autocast:
                     _, loss = model(tokens, targets, class_weight=class_weight)
+                if ddp:     # a mean over the global batch, not a mean of the ranks' means (their masked counts differ)
+                    loss = loss * loss_share(targets, class_weight)
                 scaler.scale(loss / grad_accum).backward()
             cells_since += len(tokens) * world_size
         if grad_clip:
@@ -423,15 +471,18 @@ def train_fold(k, fold_dir):
                        title=f'scBERT, test fold {k}: {format_metrics_line(test)}')
         np.save(os.path.join(fold_dir, 'test_prob.npy'), prob)
         if baseline:
-            lr_model = fit_logistic_regression(data.dense(train_idx), data.labels[train_idx], len(data.label_names), C=lr_C)
-            lr_prob = lr_model.predict_proba(data.dense(test_idx))
+            fit_idx = train_idx if len(train_idx) <= baseline_max_cells else \
+                np.sort(np.random.default_rng(seed).choice(train_idx, baseline_max_cells, replace=False))
+            lr_model = fit_logistic_regression(data.dense(fit_idx), data.labels[fit_idx], len(data.label_names), C=lr_C)
+            lr_prob = np.concatenate([lr_model.predict_proba(data.dense(test_idx[i:i + 4096]))
+                                      for i in range(0, len(test_idx), 4096)])
             result['baseline'] = classification_metrics(data.labels[test_idx], lr_prob.argmax(1), lr_prob, data.label_names)
             log(f'fold {k} test  logistic regression  {format_metrics_line(result["baseline"])}')
     else:
         result['val'] = {'loss': best['loss'], 'iter': best['iter']}
     plot_loss(history, os.path.join(fold_dir, 'loss.png'))
-    with atomic_write(os.path.join(fold_dir, 'metrics.json')) as tmp:
-        json.dump(result, open(tmp, 'w'), indent=1)
+    with atomic_write(os.path.join(fold_dir, 'metrics.json')) as tmp, open(tmp, 'w') as f:
+        json.dump(result, f, indent=1)
     checkpoint(done=True)
     return result
 
@@ -451,8 +502,8 @@ if master and len(results) > 1 and all(results) and mode == 'finetune':
         if all(who in r for r in results):
             summary[who] = {m: {'mean': float(np.mean([r[who][m] for r in results])),
                                 'sd': float(np.std([r[who][m] for r in results], ddof=1))} for m in ('accuracy', 'macro_f1')}
-    with atomic_write(os.path.join(out_dir, 'cv_metrics.json')) as tmp:
-        json.dump({'n_folds': len(results), 'summary': summary, 'folds': results}, open(tmp, 'w'), indent=1)
+    with atomic_write(os.path.join(out_dir, 'cv_metrics.json')) as tmp, open(tmp, 'w') as f:
+        json.dump({'n_folds': len(results), 'summary': summary, 'folds': results}, f, indent=1)
     for who, name in (('test', 'scBERT'), ('baseline', 'logistic regression')):
         if who in summary:
             s = summary[who]

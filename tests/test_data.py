@@ -270,7 +270,7 @@ def test_take_rows():
 # ------------------------------------------------------------------------------------- scBERT tokens, masking
 @pytest.fixture(scope='module')
 def io():
-    return torch.load(SHARED / 'scbert_ref' / 'io.pt')
+    return torch.load(SHARED / 'scbert_ref' / 'io.pt', weights_only=True)
 
 
 def test_tokens_match_original(io):

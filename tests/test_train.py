@@ -79,7 +79,8 @@ def test_pretrain_loss_falls(baron, tmp_path):
 
 
 def test_resume_reaches_the_same_result(baron, tmp_path):
-    args = [f'--dataset={baron}', *TINY, '--max_iters=24', '--eval_interval=8', '--baseline=False', '--dropout=0.1']
+    args = [f'--dataset={baron}', *TINY, '--max_iters=24', '--eval_interval=8', '--baseline=False', '--dropout=0.1',
+            '--feature_redraw_interval=5']                     # redraws on both sides of the kill
     run('train.py', f'--out_dir={tmp_path / "a"}', *args)
     run('train.py', f'--out_dir={tmp_path / "b"}', *args, '--stop_iter=13')        # "killed" between checkpoints
     assert state(tmp_path / 'b' / 'ckpt.pt')['iter_num'] == 8
@@ -91,9 +92,13 @@ def test_resume_reaches_the_same_result(baron, tmp_path):
     assert ma['test'] == mb['test'] and ma['best_iter'] == mb['best_iter']
 
 
-def test_ddp_two_processes_match_one(baron, tmp_path):
-    args = [f'--dataset={baron}', '--n_embd=16', '--n_layer=1', '--n_head=2', '--dim_head=8', '--head_hidden=16',
-            '--max_iters=6', '--eval_interval=100', '--baseline=False', '--feature_redraw_interval=2']
+@pytest.mark.parametrize('mode', ['finetune', 'pretrain'])
+def test_ddp_two_processes_match_one(baron, tmp_path, mode):
+    # pretraining: the ranks mask different numbers of genes; class weights: different weight sums. Either way the loss
+    # must be the mean over the global batch, as in one process.
+    args = [f'--dataset={baron}', f'--mode={mode}', '--n_embd=16', '--n_layer=1', '--n_head=2', '--dim_head=8',
+            '--head_hidden=16', '--max_iters=6', '--eval_interval=100', '--baseline=False', '--feature_redraw_interval=2',
+            f'--class_weights={mode == "finetune"}']
     run('train.py', f'--out_dir={tmp_path / "one"}', *args, '--batch_size=8', '--num_threads=1')
     torchrun = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']
     result = subprocess.run([*torchrun, str(ROOT / 'train.py'), f'--out_dir={tmp_path / "two"}', *args, '--batch_size=4'],
@@ -148,6 +153,7 @@ def test_original_scbert_checkpoint_predicts_and_finetunes(tmp_path):
     run('predict.py', f'--ckpt={ref / "finetune_state_dict.pt"}', f'--input={tmp_path / "cells.h5ad"}',
         f'--vocab={tmp_path / "panel.txt"}', f'--label_names={tmp_path / "labels.txt"}', f'--output={tmp_path / "p.csv"}')
     rows = list(csv.reader(open(tmp_path / 'p.csv')))[1:]
+    assert [r[0] for r in rows] == ['cell0', 'cell1', 'cell2']
     prob = io['finetune_prob_single']
     for row, p in zip(rows, prob):
         assert abs(float(row[2]) - p.max().item()) < 1e-5 and row[1] == 'Unassigned'     # all below 0.5 in the reference
@@ -183,15 +189,49 @@ def test_bad_input(baron, tmp_path):
     user_error(run('train.py', '--batchsize=3', check=False), "did you mean 'batch_size'")
     user_error(run('train.py', f'--dataset={baron}', '--fold=7', check=False), 'fold')
     user_error(run('predict.py', '--ckpt=missing.pt', f'--input={FIXTURES / "counts_csr.h5ad"}', check=False), 'not found')
+    user_error(run('train.py', f'--dataset={baron}', '--dtype=fp16', check=False), 'dtype must be one of')
+    user_error(run('train.py', f'--dataset={baron}', '--optimizer=sgd', check=False), 'optimizer must be one of')
+    user_error(run('train.py', f'--dataset={baron}', '--eval_interval=0', check=False), 'eval_interval must be at least 1')
+    if not torch.cuda.is_available():
+        user_error(run('train.py', f'--dataset={baron}', '--device=cuda', check=False), 'CUDA is not available')
+    (tmp_path / 'truncated.h5ad').write_bytes((FIXTURES / 'counts_csr.h5ad').read_bytes()[:5000])
+    ckpt = tmp_path / 'model.pt'
+    torch.save({'model_args': {}, 'model': {}}, ckpt)
+    user_error(run('predict.py', f'--ckpt={ckpt}', f'--input={tmp_path / "truncated.h5ad"}', check=False), 'damaged')
+    user_error(run('predict.py', f'--ckpt={ckpt}', f'--input={FIXTURES / "counts_csr.h5ad"}',
+                   f'--output={tmp_path / "no" / "such" / "dir.csv"}', check=False), 'does not exist')
 
 
 def test_readme_quick_start(tmp_path):
-    """The quick start's commands, run as written but with shortened overrides."""
+    """The quick start's train command, run as written but shortened, in a fresh copy of the repo (no prepared data):
+    it prepares the embedded PBMC data, fine-tunes, and prints the test scores beside logistic regression."""
     readme = (ROOT / 'README.md').read_text()
-    block = readme.split('## Quick start', 1)[1].split('```', 2)[1]
+    block = readme.split('## Quick start', 1)[1].split('```', 2)[1].split('\n', 1)[1]     # after the fence's language
     commands = [line.strip() for line in block.splitlines() if line.strip() and not line.startswith('#')]
-    train = next(c for c in commands if 'python train.py' in c)
-    assert train.endswith('python train.py') and any('pytest' in c for c in commands)
-    run('train.py', f'--out_dir={tmp_path}', *TINY, '--max_iters=4', '--eval_interval=2')
-    assert json.loads((tmp_path / 'metrics.json').read_text())['test']['accuracy'] >= 0
-    assert (ROOT / 'data' / 'pbmc68k' / 'meta.json').exists()
+    assert len(commands) == 2 and commands[0].endswith('python train.py') and 'pytest' in commands[1]
+    repo = tmp_path / 'repo'
+    (repo / 'data').mkdir(parents=True)
+    for script in ROOT.glob('*.py'):
+        shutil.copy(script, repo)
+    shutil.copy(ROOT / 'data' / 'pbmc68k_reduced.h5ad', repo / 'data')
+    result = subprocess.run([sys.executable, 'train.py', *TINY, '--max_iters=4', '--eval_interval=2'], cwd=repo, env=ENV,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert re.search(r'fold 0 test +scBERT +acc \d\.\d+ +macro-F1 \d\.\d+', result.stdout), result.stdout[-2000:]
+    assert re.search(r'fold 0 test +logistic regression +acc 0\.[6-9]\d+', result.stdout), result.stdout[-2000:]
+    assert json.loads((repo / 'data' / 'pbmc68k' / 'meta.json').read_text())['n_cells'] == 693
+    assert (repo / 'out' / 'best.pt').exists()
+
+
+def test_output_h5ad_reads_in_anndata(tmp_path):
+    """Where anndata is installed (it is not a dependency), the annotated files open in it: modern and legacy input."""
+    anndata = pytest.importorskip('anndata')
+    out = tmp_path / 'out'
+    run('train.py', f'--dataset={ROOT / "data" / "pbmc68k"}', f'--out_dir={out}', *TINY, '--max_iters=2',
+        '--eval_interval=1', '--baseline=False')
+    for source, extra in ((ROOT / 'data' / 'pbmc68k_reduced.h5ad', []),
+                          (FIXTURES / 'pbmc_ensembl_ids.h5ad', ['--gene_key=gene_symbols'])):
+        run('predict.py', f'--ckpt={out / "best.pt"}', f'--input={source}', f'--output={tmp_path / "p.csv"}',
+            f'--output_h5ad={tmp_path / "p.h5ad"}', *extra)
+        adata = anndata.read_h5ad(tmp_path / 'p.h5ad')
+        assert {'scbert_prediction', 'scbert_probability', 'scbert_qc_pass'} <= set(adata.obs.columns)
