@@ -76,6 +76,14 @@ def test_pretrain_loss_falls(baron, tmp_path):
     assert history['val_loss'][-1] < history['val_loss'][0] - 0.2, history['val_loss']
     assert history['val_masked_acc'][-1] > history['val_masked_acc'][0]
     assert 'masked-bin accuracy' in result.stderr + result.stdout
+    # fine-tune from that pretrained checkpoint: the encoder carries over, the classifier is new
+    fine = tmp_path / 'fine'
+    run('train.py', f'--dataset={baron}', f'--out_dir={fine}', f'--init_from={out / "ckpt.pt"}', *TINY, '--max_iters=2',
+        '--eval_interval=1', '--baseline=False', '--finetune_params=head')
+    pretrained, tuned = state(out / 'ckpt.pt'), state(fine / 'ckpt.pt')
+    assert tuned['model_args']['n_classes'] == 13 and pretrained['model_args']['n_classes'] == 0
+    assert torch.equal(tuned['model']['blocks.0.attn.to_q.weight'], pretrained['model']['blocks.0.attn.to_q.weight'])
+    assert 'cls_head.fc3.weight' in tuned['model']
 
 
 def test_resume_reaches_the_same_result(baron, tmp_path):
