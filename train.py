@@ -10,7 +10,8 @@ Pretrain scBERT by masked expression modelling, or fine-tune it to annotate cell
 
 Folds: the test fold is `fold`, the validation fold is the next one, the rest train. The validation fold picks the best
 checkpoint (macro-F1); the test fold is only scored, once, at the end. Writes out_dir/ckpt.pt (the latest state, for
-resume), out_dir/best.pt (the best model, for predict.py), metrics.json, loss.png and confusion.png.
+resume), out_dir/best.pt (the best model, for predict.py), metrics.json, loss.png and confusion.png. With fold='all'
+each fold writes these in out_dir/fold<k>/, and out_dir/metrics.json holds the mean ± sd over folds and every fold.
 """
 import json
 import math
@@ -503,7 +504,7 @@ if master and len(results) > 1 and all(results) and mode == 'finetune':
         if all(who in r for r in results):
             summary[who] = {m: {'mean': float(np.mean([r[who][m] for r in results])),
                                 'sd': float(np.std([r[who][m] for r in results], ddof=1))} for m in ('accuracy', 'macro_f1')}
-    with atomic_write(os.path.join(out_dir, 'cv_metrics.json')) as tmp, open(tmp, 'w') as f:
+    with atomic_write(os.path.join(out_dir, 'metrics.json')) as tmp, open(tmp, 'w') as f:
         json.dump({'n_folds': len(results), 'summary': summary, 'folds': results}, f, indent=1)
     for who, name in (('test', 'scBERT'), ('baseline', 'logistic regression')):
         if who in summary:

@@ -86,6 +86,25 @@ def test_pretrain_loss_falls(baron, tmp_path):
     assert 'cls_head.fc3.weight' in tuned['model']
 
 
+def test_cross_validation_over_all_folds(baron, tmp_path):
+    out = tmp_path / 'cv'
+    args = [f'--dataset={baron}', f'--out_dir={out}', *TINY, '--max_iters=3', '--eval_interval=2', '--fold=all']
+    result = run('train.py', *args)
+    summary = json.loads((out / 'metrics.json').read_text())
+    assert summary['n_folds'] == 5 and [f['fold'] for f in summary['folds']] == [0, 1, 2, 3, 4]
+    accuracies = [f['test']['accuracy'] for f in summary['folds']]
+    assert summary['summary']['test']['accuracy']['mean'] == pytest.approx(np.mean(accuracies))
+    assert summary['summary']['test']['accuracy']['sd'] == pytest.approx(np.std(accuracies, ddof=1))
+    assert re.search(r'5-fold CV +scBERT +accuracy \d\.\d+ ± \d\.\d+ +macro-F1', result.stdout)
+    assert re.search(r'5-fold CV +logistic regression', result.stdout)
+    # every test cell is scored once: the test folds partition the labelled cells
+    assert sum(f['n_test'] for f in summary['folds']) == 78
+    # resuming a finished cross-validation redoes nothing and reports the same
+    again = run('train.py', *args, '--init_from=resume')
+    assert again.stdout.count('already finished') == 5
+    assert json.loads((out / 'metrics.json').read_text())['summary'] == summary['summary']
+
+
 def test_resume_reaches_the_same_result(baron, tmp_path):
     args = [f'--dataset={baron}', *TINY, '--max_iters=24', '--eval_interval=8', '--baseline=False', '--dropout=0.1',
             '--feature_redraw_interval=5']                     # redraws on both sides of the kill
