@@ -262,3 +262,26 @@ def test_output_h5ad_reads_in_anndata(tmp_path):
             f'--output_h5ad={tmp_path / "p.h5ad"}', *extra)
         adata = anndata.read_h5ad(tmp_path / 'p.h5ad')
         assert {'scbert_prediction', 'scbert_probability', 'scbert_qc_pass'} <= set(adata.obs.columns)
+
+
+def test_gene2vec_is_loaded_and_frozen(baron, tmp_path):
+    weight = np.random.default_rng(0).normal(size=(385, 16)).astype(np.float32)
+    np.save(tmp_path / 'g2v.npy', weight)
+    run('train.py', f'--dataset={baron}', f'--out_dir={tmp_path / "out"}', *TINY, '--max_iters=3', '--eval_interval=2',
+        '--baseline=False', f'--gene2vec={tmp_path / "g2v.npy"}')
+    emb = state(tmp_path / 'out' / 'ckpt.pt')['model']['gene_emb.weight']
+    assert torch.equal(emb[:-1], torch.from_numpy(weight)) and not emb[-1].any()     # unchanged by training; zero last row
+    np.save(tmp_path / 'bad.npy', weight[:10])
+    user_error(run('train.py', f'--dataset={baron}', f'--out_dir={tmp_path / "x"}', *TINY,
+                   f'--gene2vec={tmp_path / "bad.npy"}', check=False), 'has shape')
+
+
+def test_grad_accum_matches_a_bigger_batch(baron, tmp_path):
+    args = [f'--dataset={baron}', *TINY[:-1], '--max_iters=4', '--eval_interval=100', '--baseline=False']
+    run('train.py', f'--out_dir={tmp_path / "big"}', *args, '--batch_size=8')
+    run('train.py', f'--out_dir={tmp_path / "acc"}', *args, '--batch_size=4', '--grad_accum=2')
+    big, acc = state(tmp_path / 'big' / 'ckpt.pt'), state(tmp_path / 'acc' / 'ckpt.pt')
+    assert int(acc['model']['calls_since_redraw']) == 2 * int(big['model']['calls_since_redraw'])  # it counts forwards
+    for k in big['model']:
+        if k != 'calls_since_redraw':
+            assert torch.allclose(big['model'][k], acc['model'][k], atol=1e-5), k
