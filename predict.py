@@ -18,7 +18,6 @@ import time
 import h5py
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from data import UserError, atomic_write, process_h5ad, read_gene_list, scbert_tokens
 from model import ModelConfig, ScBERT
