@@ -4,13 +4,19 @@ Benchmark the model variants: inference and training speed, peak memory, FLOPs p
     python bench.py                                           # scBERT (FAVOR+) and scBERT with exact attention, full size
     python bench.py --variants=scbert --batch_sizes=1,8,32 --num_threads=2 --out=bench.json
     python bench.py --n_genes=2000 --repeats=5 --profile      # a smaller panel; torch.profiler's top ops
+    python bench.py --variants=scbert,scbert2_small,scbert2 --dataset=data/baron --batch_sizes=1,32   # Baron cells
 
 Variants (--variants, comma-separated):
-    scbert        ScBERT with Performer attention (FAVOR+), the original's architecture by default
-    scbert_exact  the same with exact softmax attention (F.scaled_dot_product_attention)
+    scbert         ScBERT with Performer attention (FAVOR+), the original's architecture by default
+    scbert_exact   the same with exact softmax attention (F.scaled_dot_product_attention)
+    scbert2        scBERT 2.0, the flagship of config/scbert2.py: expressed genes only, GQA, RMSNorm, SwiGLU, 8-expert MoE
+    scbert2_small  scBERT 2.0 of config/scbert2_small.py, the CPU-sized one
+The scBERT 2.0 architectures are read from those config files, so the bench measures what train.py trains.
 
-The cells are synthetic but shaped like real ones: about expressed_frac of the genes get a bin 1..5, the rest 0, plus
-the appended 0 token (the dense models here cost the same whatever the tokens are). Each run is warmed up, then timed
+The scBERT cells are synthetic but shaped like real ones: about expressed_frac of the genes get a bin 1..5, the rest 0,
+plus the appended 0 token (these dense models cost the same whatever the tokens are). scBERT 2.0's cost depends on how
+many genes each cell expresses: it reads real cells from `dataset` (a prepared dataset: a fixed random sample of its
+cells, the same for every variant), or else synthetic ones with expressed_frac of n_genes expressed. Each run is warmed up, then timed
 `repeats` times; we report the median with min and max. Inference runs under torch.no_grad; a training step is forward,
 backward (classification loss) and an AdamW step.
 
@@ -44,7 +50,9 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend
 
-from data import UserError, atomic_write
+import numpy as np
+
+from data import Dataset, UserError, atomic_write, cell_seeds, expressed_batch
 from model import ModelConfig, ScBERT
 
 # -----------------------------------------------------------------------------
@@ -61,6 +69,7 @@ warmup = 1                     # untimed runs before timing (compilation, alloca
 repeats = 3                    # timed runs; we report the median, min and max
 train = True                   # also time training steps (forward + backward + AdamW)
 expressed_frac = 0.1           # fraction of genes with a non-zero bin in the synthetic cells (real cells: ~5-15%)
+dataset = ''                   # prepared dataset whose real cells feed the scBERT 2.0 variants ('' = synthetic cells)
 seed = 0                       # seeds the weights and the synthetic cells
 device = 'auto'                # 'auto' | 'cpu' | 'cuda' | 'cuda:1' ...
 dtype = 'auto'                 # 'auto' (bfloat16 autocast on CUDA, float32 on CPU) | 'float32' | 'bfloat16' | 'float16'
@@ -69,14 +78,28 @@ num_threads = 0                # CPU threads (0 = PyTorch's default); the number
 peak_flops = 0.0               # the machine's peak FLOP/s for MFU (0 = measure a matmul on CPU, a table of GPUs on CUDA)
 mem_limit_gb = 0.0             # skip runs estimated to need more memory than this (0 = the memory available at start)
 profile = False                # print torch.profiler's top ops for the first variant
+mask_cost = True               # scBERT 2.0: time the biggest inference batch with its padding mask against the same
+                               # shape with no padding (no mask: the flash kernel on GPU), and name SDPA's kernel for each
 out = ''                       # also write every result to this JSON file ('' = no file)
 # -----------------------------------------------------------------------------
 from configurator import configure  # noqa: E402
 config = configure(globals())
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def architecture(config_file):
+    """The ModelConfig fields a train.py config file sets (it only assigns settings, so exec'ing it is safe)."""
+    scope = {}
+    exec(open(os.path.join(HERE, config_file)).read(), scope)
+    return {k: v for k, v in scope.items() if k in ModelConfig.__dataclass_fields__}
+
+
 VARIANTS = {                   # name -> ModelConfig fields that differ from the base architecture above
     'scbert': dict(attention='performer'),
     'scbert_exact': dict(attention='sdpa'),
+    'scbert2': architecture('config/scbert2.py'),
+    'scbert2_small': architecture('config/scbert2_small.py'),
 }
 variant_names = [v.strip() for v in variants.split(',') if v.strip()]
 for name in variant_names:
@@ -116,33 +139,41 @@ def sync():
 # -----------------------------------------------------------------------------
 # FLOPs and memory, counted from the config
 
-def forward_flops_per_cell(mc):
-    """FLOPs of one cell's forward pass by module: matmuls only, 2 per multiply-add. L = n_genes + 1 tokens."""
-    L, E, H, D, m = mc.seq_len, mc.n_embd, mc.n_head, mc.dim_head, mc.nb_features
-    inner, hidden = H * D, mc.ff_mult * E
-    per_layer = {
-        'attn_proj': 2 * L * E * inner * 4,       # to_q, to_k, to_v (E -> H*D) and to_out (H*D -> E)
-        'mlp': 2 * L * E * hidden * 2,            # w1 (E -> ff_mult*E) and w2 back
-    }
+def forward_flops_per_cell(mc, lengths=None):
+    """FLOPs of a forward pass by module, per cell on average over cells of `lengths` tokens each (default: scBERT's
+    L = n_genes + 1): matmuls only, 2 per multiply-add, the real tokens only (padding is waste, not work)."""
+    lengths = np.asarray(lengths if lengths is not None else [mc.seq_len], dtype=np.float64)
+    n_cells, L, L2 = len(lengths), lengths.mean(), (lengths ** 2).mean()    # per cell: tokens, and squared for attention
+    E, H, KV, D, m = mc.n_embd, mc.n_head, mc.n_kv_head, mc.dim_head, mc.nb_features
+    ffn = 2 * E * mc.ff_hidden * (3 if mc.mlp == 'swiglu' else 2)            # one token through one MLP (or expert)
+    per_layer = {'attn_proj': 2 * L * E * D * (2 * H + 2 * KV)}             # to_q, to_out (H heads); to_k, to_v (KV)
+    if mc.n_expert:
+        per_layer['moe'] = L * (ffn * mc.n_expert_active + 2 * E * mc.n_expert)   # k experts per token, and the router
+    else:
+        per_layer['mlp'] = L * ffn
     if mc.attention == 'performer':
         per_layer['favor_features'] = 2 * H * L * D * m * 2        # w·x for queries and keys: (L, D) @ (D, m) per head
         per_layer['favor_attention'] = 2 * H * m * L * (D + 1) * 2  # phi(k)ᵀ [v 1] (m, D+1), then phi(q) @ that
     else:
-        per_layer['attention_scores'] = 2 * H * L * L * D * 2      # q kᵀ (L, L) per head, then softmax @ v
+        per_layer['attention_scores'] = 2 * H * L2 * D * 2         # q kᵀ (L, L) per head, then softmax @ v
     flops = {k: v * mc.n_layer for k, v in per_layer.items()}
+    if mc.input_genes == 'expressed' and mc.value_emb == 'continuous':     # auto-discretization of each gene's value
+        B = mc.n_bins
+        flops['value_emb'] = (L - 1) * 2 * (B + B * B + B * E)
     if mc.head == 'scbert':   # gene_proj (E -> 1 per gene), fc1 (L -> 512), fc2, fc3
         flops['head'] = 2 * (L * E + L * 512 + 512 * mc.head_hidden + mc.head_hidden * mc.n_classes)
     else:
         flops['head'] = 2 * (E * mc.head_hidden + mc.head_hidden * mc.n_classes)
-    return flops
+    return {k: float(v) if n_cells > 1 else int(round(v)) for k, v in flops.items()}
 
 
-def memory_estimate(mc, n_params, batch, training, backend):
+def memory_estimate(mc, n_params, batch, training, backend, L=None):
     """Bytes a run may hold at its peak, roughly and on the high side (4 bytes a number): the weights (x4 in training:
     gradients and AdamW's two moments), and the activations of one layer (inference) or of every layer (training keeps
     them for backward). Only a guard against runs that cannot fit; the measured peak is reported beside it."""
-    L, H = mc.seq_len, mc.n_head
-    per_layer = batch * L * (6 * mc.n_embd + 4 * H * mc.dim_head + 2 * mc.ff_mult * mc.n_embd)  # residual, norms, q k v, MLP
+    L, H = L or mc.seq_len, mc.n_head
+    per_layer = batch * L * (6 * mc.n_embd + 4 * H * mc.dim_head + 2 * mc.ff_mult * mc.n_embd   # residual, norms, q k v, MLP
+                             * max(1, mc.n_expert_active if mc.n_expert else 1))
     if mc.attention == 'performer':
         per_layer += batch * H * L * mc.nb_features * 6   # FAVOR+ features (B, H, L, m): w·x, exp, +eps; queries and keys
     elif backend == 'MATH':
@@ -317,25 +348,60 @@ def measure(fn, flops, cells, mem_needed):
             'peak_mem_mb': peak_memory_mb(), 'mem_estimate_mb': mem_needed / 2**20}
 
 
+# scBERT 2.0's cells: real ones from `dataset`, or synthetic ones, as CSR (indptr, indices, values)
+n_sample = max(batch_list + [train_batch_size])
+if dataset:
+    cells_data = Dataset(dataset)
+    sample = np.sort(np.random.default_rng(seed).choice(cells_data.n_cells, min(n_sample, cells_data.n_cells), replace=False))
+    sample = np.resize(sample, n_sample)                     # a small dataset repeats cells for the biggest batch
+    cells_csr, cells_genes, log_base = cells_data.rows(sample), cells_data.n_genes, cells_data.log_base
+    cells_source = f'{n_sample} cells of {dataset} (median {int(np.median(np.diff(cells_csr[0])))} expressed genes of {cells_genes})'
+else:
+    rng = np.random.default_rng(seed)
+    n_expr = max(1, int(expressed_frac * n_genes))
+    ind = np.concatenate([np.sort(rng.choice(n_genes, n_expr, replace=False)) for _ in range(n_sample)]).astype(np.int32)
+    cells_csr = (np.arange(n_sample + 1, dtype=np.int64) * n_expr, ind, rng.exponential(1.5, len(ind)).astype(np.float32) + 0.1)
+    cells_genes, log_base = n_genes, 2.0
+    cells_source = f'{n_sample} synthetic cells, {n_expr} expressed genes of {n_genes} each'
+
+
+def expressed_cells(mc, batch):
+    """The first `batch` sampled cells as scBERT 2.0's input (evaluation's fixed gene subsets) and their token counts."""
+    indptr, indices, values = cells_csr
+    indptr = indptr[:batch + 1]
+    x = expressed_batch(indptr, indices[:indptr[-1]], values[:indptr[-1]], cell_seeds(indptr, indices, seed), mc, log_base)
+    return {k: v.to(device) for k, v in x.items()}, 1 + (x['genes'] >= 0).sum(1).numpy()
+
+
 results = []
 for name in variant_names:
-    mc = ModelConfig(n_genes=n_genes, n_embd=n_embd, n_layer=n_layer, n_head=n_head, dim_head=dim_head,
-                     n_classes=n_classes, head='scbert', seed=seed, **VARIANTS[name])
-    flops = forward_flops_per_cell(mc)
+    expressed = VARIANTS[name].get('input_genes') == 'expressed'
+    base = dict(n_genes=n_genes, n_embd=n_embd, n_layer=n_layer, n_head=n_head, dim_head=dim_head, head='scbert')
+    if expressed:                   # its own architecture; the panel is the cells'
+        base = dict(n_genes=cells_genes)
+    mc = ModelConfig(**{**base, 'n_classes': n_classes, 'seed': seed, **VARIANTS[name]})
+    lengths = expressed_cells(mc, n_sample)[1] if expressed else None
+    flops = forward_flops_per_cell(mc, lengths)
     fwd = sum(flops.values())
     torch.manual_seed(seed)
     raw_model = ScBERT(mc).to(device)
     n_params = raw_model.num_params()
     model = torch.compile(raw_model) if compile else raw_model
-    row = {'variant': name, 'attention': mc.attention, 'params': n_params, 'params_active': n_params,
+    row = {'variant': name, 'attention': mc.attention, 'params': n_params, 'params_active': raw_model.num_active_params(),
+           'params_active_no_embeddings': raw_model.num_active_params(embeddings=False),
+           'cells': cells_source if expressed else f'synthetic, {expressed_frac:.0%} of {n_genes} genes expressed',
+           'tokens_per_cell': float(np.mean(lengths)) if expressed else mc.seq_len,
            'flops_per_cell': {'forward': fwd, 'train': 3 * fwd, 'by_module': flops}, 'model_config': asdict(mc),
            'sdpa_backend': sdpa_backend(mc, batch_list[0]) if mc.attention == 'sdpa' else None,
            'inference': [], 'train': None, 'notes': []}
-    print(f"\n{name}: {n_params / 1e6:.2f}M parameters, {fwd / 1e9:.3f} GFLOP per cell forward "
+    print(f"\n{name}: {n_params / 1e6:.2f}M parameters ({row['params_active'] / 1e6:.2f}M active per token), "
+          f"{row['tokens_per_cell']:.0f} tokens and {fwd / 1e9:.3f} GFLOP per cell forward; {row['cells']}; "
           f"(>= {fwd / peak * 1e3:.1f} ms per cell at peak){', SDPA ' + row['sdpa_backend'] if row['sdpa_backend'] else ''}")
     jobs = [('inference', b) for b in batch_list] + ([('train', train_batch_size)] if train else [])
     for kind, batch in jobs:
-        needed = memory_estimate(mc, n_params, batch, kind == 'train', row['sdpa_backend'])
+        x, batch_lengths = expressed_cells(mc, batch) if expressed else (synthetic_tokens(batch), [mc.seq_len] * batch)
+        needed = memory_estimate(mc, n_params, batch, kind == 'train', row['sdpa_backend'], max(batch_lengths))
+        run_fwd = sum(forward_flops_per_cell(mc, batch_lengths).values())   # these cells' FLOPs per cell
         if needed > mem_limit:
             note = (f"{kind} at batch {batch} skipped: needs ~{needed / 2**30:.1f} GB"
                     f"{' (L² scores: SDPA uses its math kernel)' if row['sdpa_backend'] == 'MATH' else ''}, "
@@ -344,7 +410,7 @@ for name in variant_names:
             print(f'  {note}')
             result = {'batch_size': batch, 'skipped': note}
         else:
-            tokens = synthetic_tokens(batch)
+            tokens = x
             if kind == 'inference':
                 raw_model.eval()
 
@@ -360,10 +426,12 @@ for name in variant_names:
                 def step():
                     with autocast:
                         _, loss = model(tokens, labels)
-                    loss.backward()
+                        aux, _ = raw_model.aux_losses()                     # MoE load balancing, as train.py
+                    (loss + 0.01 * aux).backward()
                     optim.step()
                     optim.zero_grad(set_to_none=True)
-            result = {'batch_size': batch, **measure(step, fwd * (3 if kind == 'train' else 1), batch, needed)}
+            run_flops = run_fwd * (3 if kind == 'train' else 1)
+            result = {'batch_size': batch, 'flops_per_cell': run_flops, **measure(step, run_flops, batch, needed)}
             print(f"  {kind} batch {batch}: {result['cells_per_s']:.3g} cells/s, "
                   f"{result['latency_ms_per_cell']['median']:.1f} ms per cell, {result['flops_per_s'] / 1e9:.3g} GFLOP/s")
             if profile and name == variant_names[0] and (kind == 'train' or batch == batch_list[0]):
@@ -372,6 +440,28 @@ for name in variant_names:
             row['train'] = result
         else:
             row['inference'].append(result)
+    if expressed and mask_cost and not any('skipped' in r for r in row['inference']):
+        # The same (B, 1 + T) shape twice: the real batch, whose padding needs a mask, and the batch with its padding
+        # turned into real tokens (gene 0, value 0), which needs none. The difference is what the mask costs.
+        x, _ = expressed_cells(mc, batch_list[-1])
+        padded, full = x, dict(x, genes=x['genes'].clamp(min=0))
+        L = 1 + x['genes'].shape[1]
+        q = torch.zeros(len(x['genes']), mc.n_head, L, mc.dim_head, device=device, dtype=ptdtype)
+        mask = torch.ones(len(q), 1, 1, L, dtype=torch.bool, device=device)
+        raw_model.eval()
+        cost = {'batch_size': batch_list[-1], 'tokens': L, 'padding_share': float((x['genes'] < 0).float().mean())}
+        for label, inputs, kernel_mask in (('masked', padded, mask), ('unmasked', full, None)):
+            @torch.no_grad()
+            def step():
+                with autocast:
+                    model(inputs)
+            cost[f'{label}_s'] = statistics.median(timed(step))
+            cost[f'{label}_kernel'] = SDPBackend(torch._fused_sdp_choice(q, q, q, kernel_mask)).name
+        cost['ratio'] = cost['masked_s'] / cost['unmasked_s']
+        row['mask_cost'] = cost
+        print(f"  padding mask: {cost['masked_s'] * 1e3:.1f} ms with it ({cost['masked_kernel']}) vs "
+              f"{cost['unmasked_s'] * 1e3:.1f} ms without ({cost['unmasked_kernel']}) at batch {cost['batch_size']} x "
+              f"{L} tokens ({cost['padding_share']:.0%} padding): x{cost['ratio']:.2f}")
     results.append(row)
     model = raw_model = step = optim = tokens = None   # free the weights, the AdamW state and the cells
     gc.collect()
@@ -395,7 +485,7 @@ print('|---|---|---:|---:|---:|---:|---:|---:|---:|')
 for row in results:
     runs = [('inference', r) for r in row['inference']] + ([('train', row['train'])] if row['train'] else [])
     for kind, r in runs:
-        gflop = row['flops_per_cell']['train' if kind == 'train' else 'forward'] / 1e9
+        gflop = r.get('flops_per_cell', row['flops_per_cell']['train' if kind == 'train' else 'forward']) / 1e9
         if 'skipped' in r:
             print(f"| {row['variant']} | {kind} | {r['batch_size']} | skipped: too big for memory | | {gflop:.3g} | | | |")
             continue

@@ -377,10 +377,21 @@ def take_rows(indptr, indices, values, idx):
     return out_ptr, indices[src], values[src]
 
 
+def available_memory():
+    """Bytes of memory available to this process (Linux: MemAvailable; elsewhere the physical memory)."""
+    try:
+        with open('/proc/meminfo') as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith('MemAvailable:'))
+    except (OSError, StopIteration):
+        return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+
+
 class Dataset:
     """A prepared dataset directory (see the module docstring), read lazily."""
 
-    def __init__(self, path):
+    def __init__(self, path, preload=True):
+        """preload: hold the expression (indices, values) in memory when it fits in half the available memory;
+        otherwise, or with preload=False, each rows() call reads its cells from data.h5 (streaming)."""
         self.path = path
         fix = f"create it with: python prepare_data.py --input=<file.h5ad> --out_dir={path}"
         files = [os.path.join(path, f) for f in ('meta.json', 'data.h5', 'vocab.txt')]
@@ -393,10 +404,11 @@ class Dataset:
                 self.indptr = f['indptr'][:]
                 self.labels, self.folds, self.batch = f['labels'][:], f['folds'][:], f['batch'][:]
                 self.cell_ids = f['cell_ids'].asstr()[:].astype(str)
-                # small enough: keep the CSR in memory; else rows() reads from the file per call
-                in_memory = self.indptr[-1] < 50_000_000
+                nbytes = int(self.indptr[-1]) * 8                           # int32 index + float32 value
+                in_memory = preload and nbytes < 0.5 * available_memory()
                 self.indices = f['indices'][:] if in_memory else None
                 self.values = f['values'][:] if in_memory else None
+                self.preloaded = bool(in_memory)
             self.vocab = read_gene_list(files[2])
             if (len(self.vocab), len(self.labels)) != (self.meta['n_genes'], self.meta['n_cells']):
                 raise ValueError(f"{len(self.vocab)} genes x {len(self.labels)} cells, meta.json says "
@@ -478,3 +490,94 @@ def mask_tokens(tokens, mask_prob=0.15, replace_prob=0.9, mask_id=6, generator=N
     chosen = rank < n_mask
     replace = chosen & (torch.rand(tokens.shape, generator=generator, device=tokens.device) < replace_prob)
     return tokens.masked_fill(replace, mask_id), tokens.masked_fill(~chosen, -100)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# scBERT 2.0's input: a CLS token (added by the model) and one (gene, value) token per expressed gene
+
+def quantile_bins(indptr, values, n_bins):
+    """Per-cell quantile bins of expressed values (scGPT, Cui et al. 2024): each cell's non-zero values are split at
+    the n_bins - 1 inner quantiles of that cell's own non-zero values, so bin b in 1..n_bins holds about a 1/n_bins
+    share of the cell's expressed genes whatever its sequencing depth; 0 stays 0 (prepared data stores no zeros; an
+    explicitly stored zero would count in the edges). Vectorised over a CSR batch:
+    indptr int64 [B+1], values float [nnz] -> int64 [nnz]. The edges are np.quantile's (linear interpolation) and a
+    value goes above every edge it equals (np.digitize, right=False): bin = 1 + #(edges <= value)."""
+    lengths = np.diff(indptr)
+    row = np.repeat(np.arange(len(lengths)), lengths)
+    order = np.lexsort((values, row))                          # sorted by cell, then value
+    sorted_vals = values[order]
+    q = np.arange(1, n_bins) / n_bins                          # (n_bins - 1,) inner quantile levels
+    pos = q[None, :] * (np.maximum(lengths, 1) - 1)[:, None]   # (B, n_bins - 1) fractional positions within a cell
+    lo, frac = np.floor(pos).astype(np.int64), pos - np.floor(pos)
+    hi = np.minimum(lo + 1, np.maximum(lengths, 1)[:, None] - 1)
+    start = indptr[:-1, None]
+    if len(sorted_vals) == 0:
+        return np.zeros(0, dtype=np.int64)
+    at = lambda i: sorted_vals[np.minimum(start + i, len(sorted_vals) - 1)]
+    edges = at(lo) + frac * (at(hi) - at(lo))                  # (B, n_bins - 1)
+    bins = 1 + (edges[row] <= values[:, None]).sum(1)
+    return np.where(values > 0, bins, 0).astype(np.int64)
+
+
+def value_bins(indptr, values, log_base, value_emb, n_bins):
+    """The bin of each stored value (int64 [nnz]): per-cell quantiles for value_emb 'quantile', else scBERT's
+    log2 bins (the 'continuous' embedding reads the values themselves; its bins are the MLM targets)."""
+    if value_emb == 'quantile':
+        return quantile_bins(indptr, values, n_bins)
+    return expression_to_bins(values, log_base, n_bins)
+
+
+def cell_seeds(indptr, indices, seed=0):
+    """A seed per cell computed from its content (its expressed genes): evaluation and predict.py then pick the same
+    genes of a cell whatever batch, file order or process it comes in."""
+    import zlib
+    return [[seed, zlib.crc32(indices[indptr[i]:indptr[i + 1]].astype(np.int32).tobytes())] for i in range(len(indptr) - 1)]
+
+
+def expressed_batch(indptr, indices, values, seeds, cfg, log_base, mask_prob=0.0, replace_prob=0.9):
+    """CSR cells -> the model's expressed-gene input, padded to the longest cell: dict of torch tensors (B, T)
+    'genes' (vocab index, -1 = padding), 'values' (log-normalized), 'bins' (value bins; n_bins + 1 where masked).
+
+    cfg (a ModelConfig) gives n_genes, n_bins, value_emb, max_genes, n_zero_genes and mask_id. seeds (one per cell:
+    anything np.random.default_rng takes) choose, per cell, which max_genes expressed genes to keep when it has more
+    (training passes fresh seeds per step; evaluation passes cell_seeds: a fixed subset), the n_zero_genes
+    unexpressed genes to add (value 0, bin 0), and with mask_prob > 0 the masked tokens for pretraining: exactly
+    ceil(mask_prob * n) of each cell's n tokens (the zero genes too), each replaced by the mask with probability
+    replace_prob (scBERT's rule). Then 'target_bins' (-100 where not masked) and 'target_values' are added too.
+    Bins are computed over all of a cell's expressed genes, before any are dropped."""
+    import torch
+    bins_all = value_bins(indptr, values, log_base, cfg.value_emb, cfg.n_bins)
+    cells = []
+    for i in range(len(indptr) - 1):
+        rng = np.random.default_rng(seeds[i])
+        a, b = indptr[i], indptr[i + 1]
+        genes, vals, bins = indices[a:b].astype(np.int64), values[a:b], bins_all[a:b]
+        if cfg.max_genes and len(genes) > cfg.max_genes:
+            keep = np.sort(rng.choice(len(genes), cfg.max_genes, replace=False))
+            genes, vals, bins = genes[keep], vals[keep], bins[keep]
+        if cfg.n_zero_genes:
+            unexpressed = np.setdiff1d(np.arange(cfg.n_genes), indices[a:b], assume_unique=True)
+            zeros = rng.choice(unexpressed, min(cfg.n_zero_genes, len(unexpressed)), replace=False)
+            genes = np.concatenate([genes, zeros])
+            vals = np.concatenate([vals, np.zeros(len(zeros), vals.dtype)])
+            bins = np.concatenate([bins, np.zeros(len(zeros), bins.dtype)])
+        target, true_vals = np.full(len(genes), -100), vals
+        if mask_prob > 0 and len(genes):
+            n_mask = math.ceil(mask_prob * len(genes))
+            chosen = rng.choice(len(genes), n_mask, replace=False)
+            target[chosen] = bins[chosen]
+            replaced = chosen[rng.random(n_mask) < replace_prob]
+            bins, vals = bins.copy(), vals.copy()
+            bins[replaced], vals[replaced] = cfg.mask_id, 0.0
+        cells.append((genes, vals, bins, target, true_vals))
+    T = max([len(c[0]) for c in cells] + [1])
+    out = {'genes': np.full((len(cells), T), -1, np.int64), 'values': np.zeros((len(cells), T), np.float32),
+           'bins': np.zeros((len(cells), T), np.int64)}
+    if mask_prob > 0:
+        out.update(target_bins=np.full((len(cells), T), -100, np.int64), target_values=np.zeros((len(cells), T), np.float32))
+    for i, (genes, vals, bins, target, true_vals) in enumerate(cells):
+        n = len(genes)
+        out['genes'][i, :n], out['values'][i, :n], out['bins'][i, :n] = genes, vals, bins
+        if mask_prob > 0:
+            out['target_bins'][i, :n], out['target_values'][i, :n] = target, true_vals   # values before masking
+    return {k: torch.from_numpy(v) for k, v in out.items()}

@@ -17,6 +17,19 @@ Mapping from the original release's names (TencentAILabHealthcare/scBERT, perfor
     blocks.i.ln_1    <- performer.net.layers.i.0.norm     blocks.i.attn.*  <- performer.net.layers.i.0.fn.*
     blocks.i.ln_2    <- performer.net.layers.i.1.norm     blocks.i.mlp.*   <- performer.net.layers.i.1.fn.fn.*
     ln_f             <- norm                     lm_head <- to_out (pretraining)     cls_head <- to_out.conv1/fc1/fc2/fc3
+
+scBERT 2.0 is the same classes with other flags (input_genes='expressed'). About 90% of a cell's genes are zero, and
+scBERT spends most of its compute on them. Following xTrimoGene (Gong et al. 2023) and scGPT (Cui et al. 2024), a cell
+becomes a CLS token plus one token per EXPRESSED gene, (gene id, value), padded to the longest cell of the batch:
+
+    genes (B, T), values (B, T) ──> gene_emb(gene) + value embedding ──> [CLS; ...] (B, 1+T, C) ──> Blocks ──> norm
+        value embedding: 'bins' (scBERT's), 'quantile' (per-cell quantile bins, scGPT) or 'continuous' (xTrimoGene's
+        auto-discretization: a softmax mix of n_bins learned embeddings, computed from the scalar value)
+        ──> lm_head (masked bin, cross-entropy) + value_head (masked value, MSE)   or   cls_head (CLS or mean pooled)
+
+with the parts of modern LMs as options: grouped-query attention through F.scaled_dot_product_attention (flash kernels
+on GPU), RMSNorm (llama), SwiGLU (Shazeer 2020), bias-free linears, and a sparse mixture of experts in place of the MLP
+(Switch Transformer, Fedus et al. 2022; Mixtral's top-2).
 """
 import math
 import re
@@ -46,12 +59,41 @@ class ModelConfig:
     head_hidden: int = 128          # the classifier's last hidden width (the original's h_dim)
     seed: int = 0                   # seeds the random-feature draws, so that every DDP rank and every resume draws the same
     favor_batch_max: bool = False   # True reproduces the original's batch-dependent key stabiliser (see softmax_kernel)
+    # scBERT 2.0 (the defaults above and below are scBERT's)
+    input_genes: str = 'all'        # 'all' (scBERT: every gene of the panel, binned) | 'expressed' (CLS + expressed genes)
+    value_emb: str = 'bins'         # expressed only: 'bins' (scBERT's) | 'quantile' (per cell, scGPT) | 'continuous'
+    max_genes: int = 0              # expressed only: at most this many expressed genes per cell (0 = all)
+    n_zero_genes: int = 0           # expressed only: also this many randomly chosen unexpressed genes, with value 0
+    n_kv_head: int = 0              # key/value heads for grouped-query attention (0 = n_head; 1 = multi-query)
+    norm: str = 'layernorm'         # 'layernorm' | 'rmsnorm' (computed in fp32)
+    mlp: str = 'gelu'               # 'gelu' | 'swiglu'
+    bias: bool = True               # biases in the attention and MLP linears and in the norms
+    n_expert: int = 0               # > 0: a sparse mixture of n_expert MLPs replaces each block's MLP
+    n_expert_active: int = 2        # experts per token (top-k)
 
     def __post_init__(self):
         if self.nb_features == 0:
             self.nb_features = int(self.dim_head * math.log(self.dim_head))
+        if self.n_kv_head == 0:
+            self.n_kv_head = self.n_head
         assert self.attention in ('performer', 'sdpa'), self.attention
-        assert self.head in ('scbert', 'pooled'), self.head
+        assert self.head in ('scbert', 'pooled', 'cls'), self.head
+        assert self.input_genes in ('all', 'expressed'), self.input_genes
+        assert self.value_emb in ('bins', 'quantile', 'continuous'), self.value_emb
+        assert self.norm in ('layernorm', 'rmsnorm') and self.mlp in ('gelu', 'swiglu'), (self.norm, self.mlp)
+        assert self.n_head % self.n_kv_head == 0, 'n_head must be a multiple of n_kv_head'
+        assert self.n_expert == 0 or 1 <= self.n_expert_active <= self.n_expert, 'need 1 <= n_expert_active <= n_expert'
+        if self.input_genes == 'expressed':
+            # padded batches need a key mask, which FAVOR+ does not take
+            assert self.attention == 'sdpa', "input_genes='expressed' needs attention='sdpa'"
+        else:
+            assert self.head != 'cls', "head='cls' needs input_genes='expressed' (scBERT's input has no CLS token)"
+
+    @property
+    def ff_hidden(self):
+        # SwiGLU has three matrices where GELU has two: 2/3 of the width keeps the parameters (llama), rounded up to 8
+        hidden = self.ff_mult * self.n_embd
+        return hidden if self.mlp == 'gelu' else 8 * math.ceil(2 * hidden / 3 / 8)
 
     @property
     def seq_len(self):
@@ -116,15 +158,37 @@ def favor_attention(q, k, v, projection, batch_max=False):
 # -----------------------------------------------------------------------------
 # the transformer
 
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight (Zhang & Sennrich 2019), as llama: computed in fp32 whatever the autocast dtype, since the
+    mean of squares of bf16 activations loses too much precision."""
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()).type_as(x)
+
+
+def make_norm(config):
+    return RMSNorm(config.n_embd) if config.norm == 'rmsnorm' else nn.LayerNorm(config.n_embd, bias=config.bias)
+
+
+def repeat_kv(x, n_rep):
+    """(B, n_kv_head, L, d) -> (B, n_kv_head * n_rep, L, d): each key/value head serves n_rep query heads (GQA)."""
+    return x if n_rep == 1 else x.repeat_interleave(n_rep, dim=1)
+
+
 class Attention(nn.Module):
     def __init__(self, config, layer_idx):
         super().__init__()
-        inner = config.n_head * config.dim_head
-        self.n_head, self.layer_idx, self.config = config.n_head, layer_idx, config
-        self.to_q = nn.Linear(config.n_embd, inner, bias=False)
-        self.to_k = nn.Linear(config.n_embd, inner, bias=False)
-        self.to_v = nn.Linear(config.n_embd, inner, bias=False)
-        self.to_out = nn.Linear(inner, config.n_embd)
+        self.n_head, self.n_kv_head, self.layer_idx, self.config = config.n_head, config.n_kv_head, layer_idx, config
+        self.to_q = nn.Linear(config.n_embd, config.n_head * config.dim_head, bias=False)
+        # grouped-query attention (Ainslie et al. 2023): fewer key/value heads, shared by groups of query heads
+        self.to_k = nn.Linear(config.n_embd, config.n_kv_head * config.dim_head, bias=False)
+        self.to_v = nn.Linear(config.n_embd, config.n_kv_head * config.dim_head, bias=False)
+        self.to_out = nn.Linear(config.n_head * config.dim_head, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
         if config.attention == 'performer':
             self.register_buffer('projection_matrix', torch.zeros(config.nb_features, config.dim_head))
@@ -136,39 +200,125 @@ class Attention(nn.Module):
         w = orthogonal_random_features(self.config.nb_features, self.config.dim_head, generator=g)
         self.projection_matrix.copy_(w)
 
-    def forward(self, x):                                    # x (B, L, n_embd)
+    def forward(self, x, attn_mask=None):                    # x (B, L, n_embd); attn_mask (B, 1, 1, L) bool or None
         B, L, _ = x.shape
-        q, k, v = (proj(x).view(B, L, self.n_head, -1).transpose(1, 2) for proj in (self.to_q, self.to_k, self.to_v))
+        q = self.to_q(x).view(B, L, self.n_head, -1).transpose(1, 2)                         # (B, n_head, L, d)
+        k, v = (proj(x).view(B, L, self.n_kv_head, -1).transpose(1, 2) for proj in (self.to_k, self.to_v))
+        k, v = repeat_kv(k, self.n_head // self.n_kv_head), repeat_kv(v, self.n_head // self.n_kv_head)
         if self.config.attention == 'performer':
             out = favor_attention(q, k, v, self.projection_matrix, self.config.favor_batch_max)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.config.dropout if self.training else 0.0)
+            # attn_mask hides the padding keys; None when the batch has no padding, which keeps the flash kernel usable
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                                 dropout_p=self.config.dropout if self.training else 0.0)
         out = out.transpose(1, 2).reshape(B, L, -1)          # (B, L, n_head * dim_head)
         return self.dropout(self.to_out(out))
 
 
 class MLP(nn.Module):
+    """GELU: w2(gelu(w1 x)), as scBERT. SwiGLU (Shazeer 2020, "GLU variants improve Transformer"): w2(silu(w1 x) * w3 x)."""
     def __init__(self, config):
         super().__init__()
-        self.w1 = nn.Linear(config.n_embd, config.ff_mult * config.n_embd)
-        self.w2 = nn.Linear(config.ff_mult * config.n_embd, config.n_embd)
+        self.w1 = nn.Linear(config.n_embd, config.ff_hidden, bias=config.bias)
+        self.w3 = nn.Linear(config.n_embd, config.ff_hidden, bias=config.bias) if config.mlp == 'swiglu' else None
+        self.w2 = nn.Linear(config.ff_hidden, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        return self.w2(self.dropout(F.gelu(self.w1(x))))
+        h = F.gelu(self.w1(x)) if self.w3 is None else F.silu(self.w1(x)) * self.w3(x)
+        return self.w2(self.dropout(h))
+
+
+class MoE(nn.Module):
+    """A sparse mixture of expert MLPs (Shazeer et al. 2017; Switch, Fedus et al. 2022): a router sends each token to
+    its top n_expert_active experts, and the token's output is their outputs weighted by the router's probabilities.
+
+    Dispatch is dropless (no capacity limit, no token is dropped): the (token, expert) assignments are sorted by expert,
+    so each expert multiplies one contiguous slice, and index_add_ sums the weighted results back per token. The experts'
+    weights are stacked (n_expert, out, in) parameters: every one is in the graph even when an expert gets no tokens (DDP
+    needs that), and on CUDA one F.grouped_mm call multiplies all the slices. Each forward leaves two auxiliary losses:
+    Switch's load balancing, n_expert * Σ_e f_e P_e (f_e: share of assignments to e, P_e: mean router probability of e;
+    exactly 1 when routing is uniform), and the router z-loss (ST-MoE, Zoph et al. 2022): mean logsumexp(logits)².
+    """
+    def __init__(self, config):
+        super().__init__()
+        E, C, H = config.n_expert, config.n_embd, config.ff_hidden
+        self.n_expert, self.top_k, self.swiglu = E, config.n_expert_active, config.mlp == 'swiglu'
+        self.router = nn.Linear(C, E, bias=False)
+        self.w1 = nn.Parameter(torch.randn(E, H, C) * 0.02)
+        self.w3 = nn.Parameter(torch.randn(E, H, C) * 0.02) if self.swiglu else None
+        self.w2 = nn.Parameter(torch.randn(E, C, H) * 0.02)
+        self.dropout = nn.Dropout(config.dropout)
+        self.register_buffer('tokens_per_expert', torch.zeros(E), persistent=False)   # usage since the last reset
+
+    @staticmethod
+    def expert_matmul(x, w, counts):
+        """x (N, in), rows grouped by expert with counts (E,) -> (N, out): row block e times w[e]ᵀ."""
+        if x.is_cuda and torch.is_autocast_enabled('cuda') and torch.cuda.get_device_capability(x.device) >= (8, 0):
+            # one kernel for every expert; it takes bf16 on sm80+ GPUs (autocast does not cast its inputs for us)
+            bf16 = torch.bfloat16
+            return F.grouped_mm(x.to(bf16), w.transpose(-2, -1).to(bf16), offs=counts.cumsum(0).to(torch.int32))
+        # elsewhere (on CPU grouped_mm has no backward) a loop over the E experts, not over tokens, is as fast
+        return torch.cat([xe @ w[e].t() for e, xe in enumerate(x.split(counts.tolist()))])
+
+    def forward(self, x):                                     # x (N, C): the real tokens of the batch, padding left out
+        logits = self.router(x)                               # (N, E)
+        probs = logits.float().softmax(-1)
+        weight, expert = probs.topk(self.top_k, dim=-1)       # (N, k) each
+        if self.top_k > 1:                                    # Mixtral: renormalise over the chosen experts; Switch
+            weight = weight / weight.sum(-1, keepdim=True)    # (k = 1) keeps the raw probability, or the router gets no gradient
+        order = expert.flatten().argsort(stable=True)         # (N k,) assignments sorted by expert
+        token = order // self.top_k                           # the token of each sorted assignment
+        counts = torch.bincount(expert.flatten(), minlength=self.n_expert)   # (E,) tokens per expert
+        xs = x[token]                                         # (N k, C), grouped by expert
+        h = self.expert_matmul(xs, self.w1, counts)
+        h = F.silu(h) * self.expert_matmul(xs, self.w3, counts) if self.swiglu else F.gelu(h)
+        y = self.expert_matmul(self.dropout(h), self.w2, counts)            # (N k, C)
+        y = y * weight.flatten()[order, None].to(y.dtype)
+        out = torch.zeros_like(x).index_add_(0, token, y.to(x.dtype))      # sum each token's k expert outputs
+        with torch.no_grad():
+            self.tokens_per_expert += counts.float()
+        share = counts.float() / max(1, expert.numel())                    # f_e
+        self.aux_loss = self.n_expert * (share * probs.mean(0)).sum() if len(x) else x.new_zeros(())
+        self.z_loss = torch.logsumexp(logits.float(), -1).pow(2).mean() if len(x) else x.new_zeros(())
+        return out
 
 
 class Block(nn.Module):
     def __init__(self, config, layer_idx):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd)
+        self.ln_1 = make_norm(config)
         self.attn = Attention(config, layer_idx)
-        self.ln_2 = nn.LayerNorm(config.n_embd)
-        self.mlp = MLP(config)
+        self.ln_2 = make_norm(config)
+        self.mlp = MoE(config) if config.n_expert else MLP(config)
 
-    def forward(self, x):
-        x = x + self.attn(self.ln_1(x))
-        return x + self.mlp(self.ln_2(x))
+    def forward(self, x, attn_mask=None, valid=None):        # x (B, L, C); valid (B, L) bool: the non-padding tokens
+        x = x + self.attn(self.ln_1(x), attn_mask)
+        h = self.ln_2(x)
+        if isinstance(self.mlp, MoE):                         # route the real tokens only: padding must not count
+            flat = h.flatten(0, 1)
+            if valid is None:
+                return x + self.mlp(flat).view_as(x)
+            keep = valid.flatten().nonzero().squeeze(1)
+            return x + torch.zeros_like(flat).index_copy_(0, keep, self.mlp(flat[keep])).view_as(x)
+        return x + self.mlp(h)
+
+
+class AutoDiscretization(nn.Module):
+    """xTrimoGene's value embedding (Gong et al. 2023, Sec. 2.2): a scalar value v becomes a soft mix of n_bins learned
+    bin embeddings, so nearby values get nearby embeddings (integer bins put 1.99 and 2.01 apart):
+        v1 = LeakyReLU(w1 v)   (n_bins,);   v2 = W2 v1 + alpha v1;   e = softmax(v2) @ table   (n_embd,)"""
+    def __init__(self, n_bins, n_embd, alpha=0.1):
+        super().__init__()
+        self.w1 = nn.Linear(1, n_bins)
+        self.w2 = nn.Linear(n_bins, n_bins)
+        self.alpha = alpha
+        self.table = nn.Parameter(torch.randn(n_bins, n_embd))      # N(0, 1), as the other embeddings
+
+    def forward(self, values):                                # (B, T) float -> (B, T, n_embd)
+        v1 = F.leaky_relu(self.w1(values.unsqueeze(-1)))
+        v2 = self.w2(v1) + self.alpha * v1
+        return v2.softmax(-1) @ self.table
 
 
 class Classifier(nn.Module):
@@ -176,7 +326,8 @@ class Classifier(nn.Module):
 
     'scbert' is the original's (finetune.py): a 1×n_embd convolution (= a Linear(n_embd, 1) applied per gene) squeezes
     each gene to one number, then an MLP reads all L genes: L -> 512 -> head_hidden -> n_classes. It is tied to the panel.
-    'pooled' averages h over genes and applies n_embd -> head_hidden -> n_classes, so it works for any gene count.
+    'pooled' averages h over the real genes and 'cls' takes the CLS token (expressed input only); both then apply
+    n_embd -> head_hidden -> n_classes, so they work for any gene count.
     """
     def __init__(self, config):
         super().__init__()
@@ -191,33 +342,81 @@ class Classifier(nn.Module):
             self.fc2 = nn.Linear(512, config.head_hidden)
         else:
             self.fc2 = nn.Linear(config.n_embd, config.head_hidden)
+        # The mean of hundreds of normalized gene states is not normalized: its per-cell part is ~1/sqrt(n_genes) in
+        # size, so fc2 starts blind and fine-tuning from scratch predicted the majority class on Baron. Renormalize the
+        # mean, as BEiT's "fc_norm" does after mean pooling.
+        self.pool_norm = nn.LayerNorm(config.n_embd) if self.kind == 'pooled' else None
         self.fc3 = nn.Linear(config.head_hidden, config.n_classes)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, h):
+    def forward(self, h, inputs=None):                        # inputs: the encoder's input (tokens or expressed dict)
+        valid = token_valid(inputs)                          # (B, L) bool, None = all real
         if self.kind == 'scbert':
             x = F.relu(self.gene_proj(h).squeeze(-1))        # (B, L)
+            if valid is not None:
+                # expressed input: each gene's number goes to its panel position (0 for the genes the cell does not
+                # show) and CLS's to the last position, scBERT's appended token: (B, 1 + T) -> (B, n_genes + 1)
+                genes = inputs['genes']
+                slot = torch.where(genes >= 0, genes, self.fc1.in_features - 1)      # padding writes 0s to the last
+                panel = x.new_zeros(len(x), self.fc1.in_features).scatter(1, slot, x[:, 1:] * valid[:, 1:])
+                x = torch.cat([panel[:, :-1], x[:, :1]], dim=1)
             x = self.dropout(F.relu(self.fc1(x)))            # (B, 512)
         else:
-            x = h.mean(1)                                    # (B, n_embd)
+            x = pool(h, valid, self.kind)                    # (B, n_embd)
+            x = x if self.pool_norm is None else self.pool_norm(x)
         x = self.dropout(F.relu(self.fc2(x)))                # (B, head_hidden)
         return self.fc3(x)
+
+
+def pool(h, valid=None, how='pooled'):
+    """One vector per cell from h (B, L, C): the CLS token (position 0), or the mean over the real (non-padding)
+    genes, CLS excluded when valid marks it as the expressed input does (B, L) -> (B, C)."""
+    if how == 'cls':
+        return h[:, 0]
+    if valid is None:
+        return h.mean(1)
+    genes = valid.clone()
+    genes[:, 0] = False                                      # the CLS token is not a gene
+    w = genes.unsqueeze(-1).to(h.dtype)
+    return (h * w).sum(1) / w.sum(1).clamp(min=1)
+
+
+def token_valid(x):
+    """The real tokens of an encoder input: None for scBERT's panel tokens (all real), else (B, 1 + T) bool with the
+    CLS token first and False at padding."""
+    if not isinstance(x, dict):
+        return None
+    genes = x['genes']
+    return torch.cat([genes.new_ones(len(genes), 1, dtype=torch.bool), genes >= 0], dim=1)
 
 
 class ScBERT(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
-        self.token_emb = nn.Embedding(config.n_bins + 2, config.n_embd)
-        self.gene_emb = nn.Embedding(config.seq_len, config.n_embd)   # the original's gene2vec "positional" embedding
+        expressed = config.input_genes == 'expressed'
+        if config.value_emb == 'continuous' and expressed:
+            self.value_emb = AutoDiscretization(config.n_bins, config.n_embd)
+            self.mask_emb = nn.Parameter(torch.randn(config.n_embd))    # the learned embedding of a masked value
+        else:                                                # bins 0..n_bins, n_bins + 1 = mask
+            self.token_emb = nn.Embedding(config.n_bins + 2, config.n_embd)
+        # scBERT: the original's gene2vec "positional" embedding, one row per panel position (+ the appended 0 token);
+        # expressed input: one row per gene, + the CLS token's (the last row)
+        self.gene_emb = nn.Embedding(config.seq_len, config.n_embd)
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
-        self.ln_f = nn.LayerNorm(config.n_embd)
+        self.ln_f = make_norm(config)
         self.lm_head = nn.Linear(config.n_embd, config.n_bins + 2)
+        self.value_head = nn.Linear(config.n_embd, 1) if expressed else None   # masked regression
         # performer-pytorch counts training forward passes and redraws the features every feature_redraw_interval
         self.register_buffer('calls_since_redraw', torch.zeros((), dtype=torch.long))
         self.register_buffer('n_redraws', torch.zeros((), dtype=torch.long))
         self.apply(self._init_weights)
+        if isinstance(getattr(self, 'value_emb', None), AutoDiscretization):
+            # PyTorch's default init (w1 ~ U(-1, 1)), not N(0, 0.02): the value must move the softmax over the bins
+            # from the start, or every value gets the same embedding and the model sees only which genes are expressed
+            self.value_emb.w1.reset_parameters()
+            self.value_emb.w2.reset_parameters()
         self.gene_emb.weight.requires_grad_(not config.freeze_gene_emb)
         # the classifier keeps PyTorch's default init, as the original's head does: with N(0, 0.02) its 766-gene fc1
         # starts ~50x too small and the head barely trains
@@ -236,6 +435,30 @@ class ScBERT(nn.Module):
     def num_params(self):
         """All parameters, the gene embedding included (the original's 8.39M count includes its 3.38M gene2vec table)."""
         return sum(p.numel() for p in self.parameters())
+
+    def num_active_params(self, embeddings=True):
+        """Parameters that one token uses: a MoE layer's inactive experts left out, and the embedding tables too
+        when embeddings=False (a lookup costs no FLOPs). Equals num_params() for a dense model with embeddings."""
+        n = self.num_params()
+        for block in self.blocks:
+            if isinstance(block.mlp, MoE):
+                per_expert = sum(w[0].numel() for w in (block.mlp.w1, block.mlp.w2, block.mlp.w3) if w is not None)
+                n -= (block.mlp.n_expert - block.mlp.top_k) * per_expert
+        if not embeddings:
+            n -= sum(m.weight.numel() for m in (self.gene_emb, getattr(self, 'token_emb', None)) if m is not None)
+        return n
+
+    def expert_load(self, reset=True):
+        """Tokens routed to each expert since the last reset, as a share of the uniform share: (n_layer, n_expert),
+        1.0 everywhere = perfectly balanced. None for a dense model."""
+        moes = [b.mlp for b in self.blocks if isinstance(b.mlp, MoE)]
+        if not moes:
+            return None
+        counts = torch.stack([m.tokens_per_expert.clone() for m in moes]).cpu()
+        if reset:
+            for m in moes:
+                m.tokens_per_expert.zero_()
+        return counts * counts.shape[1] / counts.sum(1, keepdim=True).clamp(min=1)
 
     def set_gene_embedding(self, weight, freeze=True):
         """Load a gene2vec-style table (n_genes, n_embd) in panel order; the extra last position gets a zero row."""
@@ -257,28 +480,65 @@ class ScBERT(nn.Module):
         else:
             self.calls_since_redraw += 1
 
-    def encode(self, tokens):
-        """tokens (B, L) long, L = n_genes + 1 -> hidden states (B, L, n_embd) after the final LayerNorm."""
+    def embed(self, x):
+        """The encoder input (B, L, n_embd). x is scBERT's tokens (B, L), bins of every panel gene, or for expressed
+        input a dict of (B, T) tensors: 'genes' (vocab index, -1 = padding), 'values' (log-normalized expression) and
+        'bins' (the value's bin, n_bins + 1 = masked). A CLS token goes first: L = 1 + T."""
+        if not isinstance(x, dict):
+            return self.token_emb(x) + self.gene_emb.weight[:x.shape[1]]
+        genes, bins = x['genes'], x['bins']
+        if self.config.value_emb == 'continuous':
+            masked = (bins == self.config.mask_id).unsqueeze(-1)
+            value = torch.where(masked, self.mask_emb.to(x['values'].dtype), self.value_emb(x['values']))
+        else:
+            value = self.token_emb(bins)
+        tokens = self.gene_emb(genes.clamp(min=0)) + value                 # (B, T, C)
+        cls = self.gene_emb.weight[-1].expand(len(genes), 1, -1)            # (B, 1, C)
+        return torch.cat([cls, tokens], dim=1)
+
+    def encode(self, x):
+        """-> hidden states (B, L, n_embd) after the final norm (see embed for x; padding positions hold junk)."""
         if self.training and self.config.attention == 'performer':
             self._maybe_redraw_features()
-        x = self.token_emb(tokens) + self.gene_emb.weight[:tokens.shape[1]]
-        x = self.drop(x)
+        valid = token_valid(x)
+        # SDPA's boolean mask: True = may attend. No mask at all when nothing is padded, so flash attention stays usable.
+        attn_mask = None if valid is None or bool(valid.all()) else valid[:, None, None, :]
+        h = self.drop(self.embed(x))
         for block in self.blocks:
-            x = block(x)
-        return self.ln_f(x)
+            h = block(h, attn_mask, valid)
+        return self.ln_f(h)
 
-    def forward(self, tokens, targets=None, task=None, class_weight=None):
-        """task 'mlm': logits (B, L, n_bins + 2), targets (B, L) with -100 where not masked.
+    def aux_losses(self):
+        """Mean over the MoE layers of the last forward's (load-balancing loss, router z-loss); zeros for a dense model."""
+        moes = [b.mlp for b in self.blocks if isinstance(b.mlp, MoE)]
+        if not moes:
+            return 0.0, 0.0
+        return sum(m.aux_loss for m in moes) / len(moes), sum(m.z_loss for m in moes) / len(moes)
+
+    def forward(self, x, targets=None, task=None, class_weight=None, mlm_weight=1.0, regression_weight=1.0):
+        """task 'mlm': scBERT's tokens give logits (B, L, n_bins + 2), targets (B, L) with -100 where not masked.
+        Expressed input gives {'bins': (B, T, n_bins + 2) logits, 'values': (B, T) predicted values}, and targets is
+        {'bins': (B, T), -100 where not masked, 'values': (B, T)}: the loss is mlm_weight * cross-entropy over the
+        masked bins + regression_weight * MSE over the masked values.
         task 'classify' (the default when there is a classifier): logits (B, n_classes), targets (B,).
-        Returns (logits, loss); loss is None without targets."""
+        Returns (logits, loss); loss is None without targets. MoE auxiliary losses are not included (see aux_losses)."""
         task = task or ('classify' if self.cls_head is not None else 'mlm')
-        h = self.encode(tokens)
-        if task == 'mlm':
+        h = self.encode(x)
+        if task == 'classify':
+            logits = self.cls_head(h, x)
+            loss = None if targets is None else F.cross_entropy(logits, targets, weight=class_weight)
+        elif not isinstance(x, dict):
             logits = self.lm_head(h)
             loss = None if targets is None else F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
         else:
-            logits = self.cls_head(h)
-            loss = None if targets is None else F.cross_entropy(logits, targets, weight=class_weight)
+            h = h[:, 1:]                                                    # the genes, CLS dropped: (B, T, C)
+            logits = {'bins': self.lm_head(h), 'values': self.value_head(h).squeeze(-1)}
+            loss = None
+            if targets is not None:
+                sel = targets['bins'] != -100                               # the masked genes
+                mlm = F.cross_entropy(logits['bins'][sel].float(), targets['bins'][sel])
+                regression = F.mse_loss(logits['values'][sel].float(), targets['values'][sel].float())
+                loss = mlm_weight * mlm + regression_weight * regression
         return logits, loss
 
     # -------------------------------------------------------------------------
@@ -342,13 +602,17 @@ class ScBERT(nn.Module):
     # -------------------------------------------------------------------------
 
     def configure_optimizer(self, name, lr, weight_decay, betas=(0.9, 0.999)):
-        """AdamW with decoupled weight decay on matrices only (nanoGPT's grouping), or Adam as scBERT used."""
+        """AdamW with decoupled weight decay on matrices only (nanoGPT's grouping), Adam as scBERT used, or Adafactor
+        (Shazeer & Stern 2018; torch.optim.Adafactor): factored second moments, so its state is O(rows + columns) per
+        matrix instead of Adam's two full copies. torch's lr is a relative step (default 1e-2) and has no momentum."""
         params = [p for p in self.parameters() if p.requires_grad]
         decay = [p for p in params if p.dim() >= 2]
         no_decay = [p for p in params if p.dim() < 2]
+        groups = [{'params': decay, 'weight_decay': weight_decay}, {'params': no_decay, 'weight_decay': 0.0}]
         if name == 'adamw':
-            groups = [{'params': decay, 'weight_decay': weight_decay}, {'params': no_decay, 'weight_decay': 0.0}]
             return torch.optim.AdamW(groups, lr=lr, betas=betas)
         if name == 'adam':
             return torch.optim.Adam(params, lr=lr, betas=betas)
-        raise ValueError(f"unknown optimizer '{name}' (use adamw or adam)")
+        if name == 'adafactor':
+            return torch.optim.Adafactor(groups, lr=lr)
+        raise ValueError(f"unknown optimizer '{name}' (use adamw, adam or adafactor)")

@@ -19,15 +19,15 @@ import h5py
 import numpy as np
 import torch
 
-from data import UserError, atomic_write, process_h5ad, read_gene_list, scbert_tokens
-from model import ModelConfig, ScBERT
+from data import UserError, atomic_write, cell_seeds, expressed_batch, process_h5ad, read_gene_list, scbert_tokens
+from model import ModelConfig, ScBERT, pool, token_valid
 
 # -----------------------------------------------------------------------------
 ckpt = 'out/best.pt'           # our checkpoint from train.py, or an original scBERT checkpoint (.pth)
 input = ''                     # the .h5ad file to annotate
 output = 'predictions.csv'     # CSV: cell_id,predicted_label,probability,second_label,second_probability
 output_h5ad = ''               # also write a copy of the input with the predictions as new obs columns ('' = no)
-embeddings = ''                # also save cell embeddings (mean encoder output, n_cells x n_embd) as .npy ('' = no)
+embeddings = ''                # also save cell embeddings (n_cells x n_embd, the classifier's pooling) as .npy ('' = no)
 unassigned_threshold = 0.5     # 'Unassigned' when the top probability is below this (scBERT's rule; 0 = off)
 batch_size = 32                # cells per forward pass
 layer = 'auto'                 # matrix to read: auto | X | raw | <layer name> (as prepare_data.py)
@@ -101,21 +101,30 @@ if cells.n_matched < 0.5 * len(genes):
     print(f'warning: only {cells.n_matched} of the model\'s {len(genes)} genes are in {input}; predictions may be poor')
 
 probs, embeds, qc_pass = [], [], []
+expressed = model.config.input_genes == 'expressed'
 t0 = time.time()
 with torch.no_grad():
     for chunk in cells:
         n = len(chunk.indptr) - 1
-        dense = np.zeros((n, len(genes)), dtype=np.float32)               # (cells, genes) of this chunk
-        dense[np.repeat(np.arange(n), np.diff(chunk.indptr)), chunk.indices] = chunk.values
         qc_pass.append(chunk.passed_qc)
+        if not expressed:
+            dense = np.zeros((n, len(genes)), dtype=np.float32)           # (cells, genes) of this chunk
+            dense[np.repeat(np.arange(n), np.diff(chunk.indptr)), chunk.indices] = chunk.values
         for start in range(0, n, batch_size):
-            tokens = scbert_tokens(torch.from_numpy(dense[start:start + batch_size]), log_base, n_bins).to(device)
+            if expressed:       # CLS + the expressed genes; the same fixed gene subset per cell as train.py's evaluation
+                ptr = chunk.indptr[start:start + batch_size + 1]
+                indptr, indices, values = ptr - ptr[0], chunk.indices[ptr[0]:ptr[-1]], chunk.values[ptr[0]:ptr[-1]]
+                seeds = cell_seeds(indptr, indices, model.config.seed)
+                x = {k: v.to(device) for k, v in expressed_batch(indptr, indices, values, seeds, model.config, log_base).items()}
+            else:
+                x = scbert_tokens(torch.from_numpy(dense[start:start + batch_size]), log_base, n_bins).to(device)
             with autocast:
-                h = model.encode(tokens)                                   # (B, n_genes + 1, n_embd)
-                logits = model.cls_head(h)
+                h = model.encode(x)                                        # (B, L, n_embd)
+                logits = model.cls_head(h, x)
             probs.append(logits.float().softmax(-1).cpu().numpy())
             if embeddings:
-                embeds.append(h.float().mean(1).cpu().numpy())
+                how = 'cls' if model.config.head == 'cls' else 'pooled'
+                embeds.append(pool(h.float(), token_valid(x), how).cpu().numpy())
 elapsed = time.time() - t0
 prob, qc_pass = np.concatenate(probs), np.concatenate(qc_pass)
 

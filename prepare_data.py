@@ -34,6 +34,7 @@ min_genes = 200  # QC: drop cells with fewer expressed genes
 n_folds = 5  # stratified cross-validation folds
 log_base = 2.0  # base of log1p after normalize-to-1e4 (scBERT used log2)
 seed = 0  # seed of the fold assignment
+chunk = 4096  # cells read, processed and written at a time: memory stays bounded whatever the number of cells
 
 from configurator import configure
 config = configure(globals())
@@ -45,6 +46,8 @@ if not paths:
     raise UserError("no input file (set --input=<file.h5ad>[,<file2.h5ad>...])")
 if not 2 <= n_folds <= 127:  # folds are int8; validation and test use two different folds
     raise UserError(f"n_folds must be between 2 and 127, got {n_folds} (set --n_folds=5)")
+if chunk < 1:
+    raise UserError(f"chunk must be >= 1, got {chunk} (set --chunk=4096)")
 if n_top_genes < 0:
     raise UserError(f"n_top_genes must be >= 0, got {n_top_genes} (set --n_top_genes=0 to keep all genes)")
 if not log_base > 1:
@@ -66,7 +69,7 @@ else:
         # over the cells that pass QC; zeros add nothing to either sum but count in n (the variance includes them)
         total, total_sq, n = np.zeros(len(genes)), np.zeros(len(genes)), 0
         for p in paths:
-            for c in process_h5ad(p, layer, gene_key, log_base, genes, min_genes):
+            for c in process_h5ad(p, layer, gene_key, log_base, genes, min_genes, chunk=chunk):
                 passed = np.repeat(c.passed_qc, np.diff(c.indptr))  # bool [nnz]: the entry's cell passes QC
                 vals = c.values[passed].astype(np.float64)
                 total += np.bincount(c.indices[passed], weights=vals, minlength=len(genes))
@@ -79,7 +82,7 @@ else:
         print(f"kept the {n_top_genes} most variable of {len(genes)} genes (variance of log-normalized expression "
               f"over {n} cells passing QC)")
         genes = [genes[i] for i in top]
-sources = [process_h5ad(p, layer, gene_key, log_base, genes, min_genes, label_key, batch_key) for p in paths]
+sources = [process_h5ad(p, layer, gene_key, log_base, genes, min_genes, label_key, batch_key, chunk=chunk) for p in paths]
 for s in sources:
     print(s.summary())
 

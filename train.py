@@ -6,7 +6,9 @@ Pretrain scBERT by masked expression modelling, or fine-tune it to annotate cell
     python train.py config/finetune_baron.py --fold=all          # 5-fold cross-validation
     python train.py --mode=pretrain --dataset=data/celltypist --out_dir=out-pretrain
     python train.py --init_from=resume                            # continue out_dir/ckpt.pt on the same schedule
-    torchrun --nproc_per_node=8 train.py ...                      # DDP: nccl on CUDA, gloo on CPU
+    python train.py config/scbert2_small.py                       # scBERT 2.0: expressed genes, GQA, SwiGLU, MoE
+    python train.py config/finetune_baron.py --test_batch=mouse2  # train on one donor, test on the other
+    torchrun --nproc_per_node=8 train.py config/scbert2.py        # DDP: nccl on CUDA, gloo on CPU
 
 Folds: the test fold is `fold`, the validation fold is the next one, the rest train. The validation fold picks the best
 checkpoint (macro-F1); the test fold is only scored, once, at the end. Writes out_dir/ckpt.pt (the latest state, for
@@ -28,7 +30,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from data import Dataset, UserError, atomic_write, mask_tokens, scbert_tokens, split_indices
+from data import (Dataset, UserError, atomic_write, cell_seeds, expressed_batch, mask_tokens, scbert_tokens,
+                  split_indices)
 from metrics import classification_metrics, fit_logistic_regression, format_metrics_line, plot_confusion, plot_loss
 from model import Classifier, ModelConfig, ScBERT
 
@@ -39,6 +42,8 @@ dataset = 'data/pbmc68k'       # a directory written by prepare_data.py (the def
 mode = 'finetune'              # 'finetune' (cell-type classifier) | 'pretrain' (masked expression modelling)
 init_from = 'scratch'          # 'scratch' | 'resume' (out_dir/ckpt.pt) | a path to our .pt or to an original scBERT .pth
 fold = '0'                     # test fold (validation is the next fold), or 'all' for k-fold cross-validation
+test_batch = ''                # test on the cells of this batch (e.g. a donor: --test_batch=mouse2) and train on the
+                               # others, validating on their fold `fold` + 1 ('' = test on fold `fold`)
 eval_interval = 50             # iterations between validations and checkpoints
 log_interval = 10              # iterations between log lines
 eval_cells = 2000              # at most this many validation cells per evaluation (0 = all)
@@ -57,11 +62,28 @@ dropout = 0.0                  # dropout in attention, MLP and classifier
 head = 'scbert'                # classifier: 'scbert' (the original's, over all genes) | 'pooled' (mean over genes)
 head_hidden = 128              # classifier hidden width
 gene2vec = ''                  # .npy gene embedding (n_genes, n_embd) in vocab order, loaded and frozen ('' = learned)
+# scBERT 2.0 (the defaults are scBERT's; see config/scbert2*.py)
+input_genes = 'all'            # 'all' (scBERT: every panel gene) | 'expressed' (CLS + the expressed genes only)
+value_emb = 'bins'             # expressed: 'bins' (scBERT's) | 'quantile' (per-cell, scGPT) | 'continuous' (xTrimoGene)
+max_genes = 0                  # expressed: keep at most this many expressed genes per cell (random in training; 0 = all)
+n_zero_genes = 0               # expressed: also add this many unexpressed genes per cell (value 0)
+bucket = False                 # expressed: batch cells of similar length together: less padding, and batches without
+                               # any need no attention mask, which keeps SDPA's flash kernel usable on GPU
+n_kv_head = 0                  # key/value heads (grouped-query attention; 0 = n_head, 1 = multi-query)
+norm = 'layernorm'             # 'layernorm' | 'rmsnorm'
+mlp = 'gelu'                   # 'gelu' | 'swiglu'
+bias = True                    # biases in attention/MLP linears and norms
+n_expert = 0                   # > 0: sparse mixture of this many expert MLPs in every block
+n_expert_active = 2            # experts per token (top-k)
+aux_loss_weight = 0.01         # MoE: weight of Switch's load-balancing loss
+z_loss_weight = 0.0            # MoE: weight of the router z-loss (ST-MoE uses 1e-3)
+mlm_weight = 1.0               # expressed pretraining: weight of the masked-bin cross-entropy
+regression_weight = 1.0        # expressed pretraining: weight of the masked-value MSE
 # training
 batch_size = 16                # cells per step per process (global batch = batch_size * processes * grad_accum)
 grad_accum = 1                 # micro-batches per optimizer step
 max_iters = 400                # optimizer steps
-optimizer = 'adamw'            # 'adamw' | 'adam' (as scBERT)
+optimizer = 'adamw'            # 'adamw' | 'adam' (as scBERT) | 'adafactor' (its lr is relative: try 1e-2)
 learning_rate = 1e-3           # peak learning rate
 min_lr = 1e-5                  # learning rate at the end of the decay
 lr_schedule = 'linear'         # after warm-up: 'linear' decay | 'cosine' decay | 'constant'
@@ -78,6 +100,8 @@ baseline = True                # also fit logistic regression on the same folds 
 baseline_max_cells = 20000     # fit the baseline on at most this many training cells (a stratified sample)
 lr_C = 1.0                     # inverse L2 strength of the logistic-regression baseline
 # system
+preload = True                 # hold the dataset in memory when it fits (half the free memory), else stream it from disk
+num_workers = 0                # background processes that build batches (0 = in the training process)
 device = 'auto'                # 'auto' | 'cpu' | 'cuda' | 'cuda:1' ...
 dtype = 'auto'                 # 'auto' (bfloat16 autocast on CUDA, float32 on CPU) | 'float32' | 'bfloat16' | 'float16'
 compile = False                # torch.compile the model
@@ -87,9 +111,11 @@ seed = 1337                    # seeds initialisation, batches, masks and dropou
 from configurator import configure  # noqa: E402
 config = configure(globals())
 
-choices = dict(mode=('pretrain', 'finetune'), finetune_params=('all', 'head', 'scbert'), optimizer=('adamw', 'adam'),
-               lr_schedule=('linear', 'cosine', 'constant'), attention=('performer', 'sdpa'), head=('scbert', 'pooled'),
-               dtype=('auto', 'float32', 'bfloat16', 'float16'))
+choices = dict(mode=('pretrain', 'finetune'), finetune_params=('all', 'head', 'scbert'),
+               optimizer=('adamw', 'adam', 'adafactor'), lr_schedule=('linear', 'cosine', 'constant'),
+               attention=('performer', 'sdpa'), head=('scbert', 'pooled', 'cls'), dtype=('auto', 'float32', 'bfloat16', 'float16'),
+               input_genes=('all', 'expressed'), value_emb=('bins', 'quantile', 'continuous'), norm=('layernorm', 'rmsnorm'),
+               mlp=('gelu', 'swiglu'))
 for name, allowed in choices.items():
     if globals()[name] not in allowed:
         raise UserError(f"{name} must be one of {', '.join(allowed)}, not '{globals()[name]}' (set --{name}=...)")
@@ -98,6 +124,12 @@ for name in ('max_iters', 'eval_interval', 'log_interval', 'batch_size', 'grad_a
         raise UserError(f'{name} must be at least 1, not {globals()[name]} (set --{name}=...)')
 if device != 'auto' and 'cuda' in device and not torch.cuda.is_available():
     raise UserError(f"device '{device}' asked for, but CUDA is not available here (set --device=cpu or auto)")
+if init_from == 'scratch' and input_genes == 'expressed' and attention != 'sdpa':   # (a checkpoint brings its own)
+    raise UserError("input_genes='expressed' needs --attention=sdpa")
+if init_from == 'scratch' and input_genes == 'all' and head == 'cls':
+    raise UserError("head='cls' needs --input_genes=expressed (scBERT's input has no CLS token); use scbert or pooled")
+if n_head % (n_kv_head or n_head) or (n_expert and not 1 <= n_expert_active <= n_expert):
+    raise UserError(f'n_head ({n_head}) must be a multiple of n_kv_head ({n_kv_head}), and 1 <= n_expert_active <= n_expert')
 
 # DDP: torchrun sets RANK; one process per GPU, or per CPU slot with gloo
 ddp = int(os.environ.get('RANK', -1)) != -1
@@ -146,7 +178,7 @@ if not os.path.exists(os.path.join(dataset, 'meta.json')) and os.path.normpath(d
             sys.exit(result.returncode)
     if ddp:
         dist.barrier()
-data = Dataset(dataset)
+data = Dataset(dataset, preload=preload)
 n_folds = data.n_folds
 if mode == 'finetune' and not data.label_names:
     raise UserError(f'{dataset} has no labels; prepare it with --label_key=<obs column> to fine-tune, or use --mode=pretrain')
@@ -173,7 +205,9 @@ def make_model(fold_dir):
     model_args = dict(n_genes=data.n_genes, n_bins=n_bins, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
                       dim_head=dim_head, ff_mult=ff_mult, attention=attention, nb_features=nb_features,
                       feature_redraw_interval=feature_redraw_interval, dropout=dropout, n_classes=n_classes,
-                      head=head, head_hidden=head_hidden, seed=seed)
+                      head=head, head_hidden=head_hidden, seed=seed, input_genes=input_genes, value_emb=value_emb,
+                      max_genes=max_genes, n_zero_genes=n_zero_genes, n_kv_head=n_kv_head, norm=norm, mlp=mlp,
+                      bias=bias, n_expert=n_expert, n_expert_active=n_expert_active)
     path = os.path.join(fold_dir, 'ckpt.pt') if init_from == 'resume' else init_from
     if init_from == 'resume' and fold == 'all' and not os.path.exists(path):
         log(f'{path} not found: this fold starts from scratch')
@@ -208,6 +242,10 @@ def load_model(path, model_args):
         same_task = init_from == 'resume' or (args['n_classes'] == n_classes and ckpt.get('label_names') == data.label_names)
         if not same_task:                                          # e.g. pretrained -> fine-tune: a fresh classifier
             args.update(n_classes=n_classes, head=head, head_hidden=head_hidden, dropout=dropout)
+        if init_from != 'resume':                                  # which genes a cell shows is not in the weights
+            args.update({k: model_args[k] for k in ('max_genes', 'n_zero_genes') if k in args})
+        if args.get('input_genes', 'all') == 'all' and args['head'] == 'cls':
+            raise UserError(f"{path} is a scBERT (all genes) model, whose input has no CLS token: set --head=scbert or pooled")
         try:
             model = ScBERT(ModelConfig(**args))
             sd = clean_state_dict(ckpt['model'])
@@ -239,8 +277,12 @@ def load_model(path, model_args):
 
 
 def set_trainable(model):
-    if mode == 'finetune':                                         # the MLM head is unused (DDP errors on unused params)
-        model.lm_head.requires_grad_(False)
+    if mode == 'finetune':                # the pretraining heads are unused (DDP errors on unused params)
+        for module in (model.lm_head, model.value_head):
+            if module is not None:
+                module.requires_grad_(False)
+        if hasattr(model, 'mask_emb'):
+            model.mask_emb.requires_grad_(False)
     if mode != 'finetune' or finetune_params == 'all':
         return
     for p in model.parameters():
@@ -269,48 +311,101 @@ def batch_indices(train_idx, step):
     global_batch = batch_size * world_size
     per_epoch = max(1, len(train_idx) // global_batch)
     epoch, pos = divmod(step, per_epoch)
-    perm = np.random.default_rng([seed, epoch]).permutation(train_idx)
+    rng = np.random.default_rng([seed, epoch])
+    perm = rng.permutation(train_idx)
     if len(perm) < global_batch:                                   # tiny datasets: wrap around
         perm = np.resize(perm, global_batch)
+    if bucket and input_genes == 'expressed':
+        # sort each window of 50 global batches by cell length, cut it into global batches, shuffle those batches:
+        # every batch holds cells of about one length (cells longer than max_genes are all max_genes long)
+        length = np.diff(data.indptr)[perm]
+        length = np.minimum(length, max_genes or length.max())
+        window = 50 * global_batch
+        perm = np.concatenate([perm[i:i + window][np.argsort(length[i:i + window], kind='stable')]
+                               for i in range(0, len(perm), window)])
+        batches = perm[:per_epoch * global_batch].reshape(per_epoch, global_batch)
+        perm = batches[rng.permutation(per_epoch)].ravel()
     start = pos * global_batch + rank * batch_size
     return perm[start:start + batch_size]
 
 
 def get_batch(idx, cfg, step=None):
-    """Tokens (B, n_genes + 1), binned as the model cfg expects, and targets: cell types, or the masked bins (-100
-    where not masked). Masks are fresh at every step (fixed for validation, step None), seeded by (step, cell): resume
-    repeats them, and they do not depend on how a global batch is split over ranks."""
+    """The model's input for cells idx, on the CPU, and targets: cell types, or what was masked (-100 where not).
+    scBERT: tokens (B, n_genes + 1), binned as the model cfg expects. Expressed input: a dict (see data.expressed_batch).
+    Masks and gene subsets are fresh at every step, seeded by (step, cell): resume repeats them, and they do not depend
+    on how a global batch is split over ranks. For evaluation (step None) they are fixed per cell."""
+    labels = torch.from_numpy(data.labels[idx].astype(np.int64))
+    if cfg.input_genes == 'expressed':
+        indptr, indices, values = data.rows(idx)
+        seeds = cell_seeds(indptr, indices, cfg.seed) if step is None else [[seed, step + 1, int(c)] for c in idx]
+        x = expressed_batch(indptr, indices, values, seeds, cfg, data.log_base,
+                            mask_prob if mode == 'pretrain' else 0.0, replace_prob)
+        if mode == 'finetune':
+            return x, labels
+        return x, {'bins': x.pop('target_bins'), 'values': x.pop('target_values')}
     tokens = scbert_tokens(torch.from_numpy(data.dense(idx)), data.log_base, cfg.n_bins)
     if mode == 'finetune':
-        return tokens.to(device), torch.from_numpy(data.labels[idx].astype(np.int64)).to(device)
+        return tokens, labels
     masked = []
     for cell, row in zip(idx, tokens):
         g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, 0 if step is None else step + 1, int(cell)])
                                               .generate_state(1)[0]))
         masked.append(mask_tokens(row[None], mask_prob, replace_prob, mask_id=cfg.mask_id, generator=g))
-    tokens, targets = (torch.cat(t) for t in zip(*masked))
-    return tokens.to(device), targets.to(device)
+    return tuple(torch.cat(t) for t in zip(*masked))
+
+
+def to_device(x):
+    """A tensor, or a dict of them, to the training device (non_blocking: overlaps the copy from pinned memory)."""
+    if isinstance(x, dict):
+        return {k: v.to(device, non_blocking=True) for k, v in x.items()}
+    return x.to(device, non_blocking=True)
+
+
+class Batches(torch.utils.data.Dataset):
+    """Item s is micro-step s's batch, built by get_batch on the CPU. A DataLoader over it with num_workers > 0 builds
+    the next batches in background processes while the model trains (pinned memory on CUDA), so the GPU never waits."""
+    def __init__(self, train_idx, cfg):
+        self.train_idx, self.cfg = train_idx, cfg
+
+    def __len__(self):
+        return max_iters * grad_accum
+
+    def __getitem__(self, step):
+        return get_batch(batch_indices(self.train_idx, step), self.cfg, step)
 
 
 @torch.no_grad()
 def evaluate(model, idx):
-    """Loss and metrics over cells idx: cell-type metrics for fine-tuning, masked-bin accuracy for pretraining."""
+    """Loss and metrics over cells idx: cell-type metrics for fine-tuning; for pretraining the masked-bin accuracy, and
+    for expressed input the masked values' mean squared error. MoE models: how evenly the experts were used."""
     model.eval()
-    losses, probs, correct, bin_counts = [], [], 0, 0
+    model.expert_load(reset=True)
+    losses, weights, probs, correct, bin_counts, sq_err, target_sum = [], [], [], 0, 0, 0.0, []
     for start in range(0, len(idx), batch_size * 2):
         chunk = idx[start:start + batch_size * 2]
-        tokens, targets = get_batch(chunk, model.config)
+        x, targets = (to_device(t) for t in get_batch(chunk, model.config))
         with autocast:
-            logits, loss = model(tokens, targets)
-        losses.append(loss.item() * len(chunk))
+            logits, loss = model(x, targets, mlm_weight=mlm_weight, regression_weight=regression_weight)
+        # the loss is a mean over the chunk's cells (fine-tuning) or masked genes (pretraining): weight it by their count
+        n = len(chunk) if mode == 'finetune' else int(((targets['bins'] if isinstance(targets, dict) else targets) != -100).sum())
+        losses.append(loss.item() * n)
+        weights.append(n)
         if mode == 'finetune':
             probs.append(logits.float().softmax(-1).cpu())
-        else:
-            sel = targets != -100
-            correct += (logits.argmax(-1)[sel] == targets[sel]).sum().item()
-            bin_counts = bin_counts + torch.bincount(targets[sel].cpu(), minlength=model.config.n_bins + 2)
+            continue
+        if isinstance(logits, dict):                                # expressed: bins and values
+            sel = targets['bins'] != -100
+            sq_err += (logits['values'][sel].float() - targets['values'][sel]).pow(2).sum().item()
+            target_sum.append(targets['values'][sel].cpu())
+            logits, targets = logits['bins'], targets['bins']
+        sel = targets != -100
+        correct += (logits.argmax(-1)[sel] == targets[sel]).sum().item()
+        bin_counts = bin_counts + torch.bincount(targets[sel].cpu(), minlength=model.config.n_bins + 2)
     model.train()
-    out = {'loss': sum(losses) / len(idx)}
+    out = {'loss': sum(losses) / max(1, sum(weights))}
+    load = model.expert_load(reset=True)
+    if load is not None:
+        out['expert_load'] = load.tolist()                          # (n_layer, n_expert), 1 = the uniform share
     if mode == 'finetune':
         prob = torch.cat(probs).numpy()
         out.update(classification_metrics(data.labels[idx], prob.argmax(1), prob, data.label_names), prob=prob)
@@ -318,14 +413,22 @@ def evaluate(model, idx):
         n_masked = max(1, int(bin_counts.sum()))
         # the floor to beat: always guessing the commonest bin of the masked genes
         out.update(masked_acc=correct / n_masked, majority_acc=int(bin_counts.max()) / n_masked)
+        if target_sum:                                              # and for values: always guessing their mean
+            values = torch.cat(target_sum).double()
+            out.update(masked_mse=sq_err / len(values), mean_guess_mse=float(values.var(unbiased=False)))
     return out
+
+
+def describe_load(load):
+    """Expert load (n_layer, n_expert) of shares of uniform -> one line: the least and most used expert per layer."""
+    return 'expert load (share of uniform, min-max per layer): ' + ', '.join(f'{min(r):.2f}-{max(r):.2f}' for r in load)
 
 
 def loss_share(targets, class_weight):
     """world_size * this rank's share of the loss denominator (masked genes, or the summed class weights), so that
     DDP's average of the ranks' gradients equals the gradient of the mean over the global batch."""
     if mode == 'pretrain':
-        local = (targets != -100).sum().float()
+        local = ((targets['bins'] if isinstance(targets, dict) else targets) != -100).sum().float()
     else:
         local = class_weight[targets].sum() if class_weight is not None else torch.tensor(float(len(targets)), device=device)
     total = local.clone()
@@ -343,6 +446,15 @@ def save(path, obj):
 def train_fold(k, fold_dir):
     """Train with test fold k (validation fold k+1) into fold_dir; returns the final metrics dict."""
     train_idx, val_idx, test_idx = split_indices(data.folds, k, n_folds)
+    if test_batch:                # test on one batch (donor), train and validate on the others' folds
+        names = data.meta.get('batch_names') or []
+        if test_batch not in names:
+            raise UserError(f"test_batch '{test_batch}' is not a batch of {dataset} (its batches: "
+                            f"{', '.join(names) or 'none; prepare it with --batch_key=<obs column>'})")
+        held_out = data.batch == names.index(test_batch)
+        test_idx = np.flatnonzero(held_out & (data.labels >= 0))
+        train_idx = np.sort(np.concatenate([train_idx, split_indices(data.folds, k, n_folds)[2]]))
+        train_idx, val_idx = train_idx[~held_out[train_idx]], val_idx[~held_out[val_idx]]
     if mode == 'pretrain':      # no labels to protect: train on every fold but the validation one
         train_idx, val_idx, test_idx = np.sort(np.concatenate([train_idx, test_idx])), val_idx, None
     if len(train_idx) == 0 or len(val_idx) == 0 or (test_idx is not None and len(test_idx) == 0):
@@ -385,8 +497,11 @@ def train_fold(k, fold_dir):
     if master:
         n_train = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
         log(f'fold {k}: {len(train_idx)} train / {len(val_idx)} val / {0 if test_idx is None else len(test_idx)} test cells; '
-            f'{raw_model.num_params() / 1e6:.2f}M parameters ({n_train / 1e6:.2f}M trainable); '
-            f'{world_size} process(es) on {device}, {dtype}')
+            f'{raw_model.num_params() / 1e6:.2f}M parameters ({n_train / 1e6:.2f}M trainable'
+            + (f'; {raw_model.num_active_params() / 1e6:.2f}M active per token, '
+               f'{raw_model.num_active_params(embeddings=False) / 1e6:.2f}M without the embeddings' if n_expert else '')
+            + f'); {world_size} process(es) on {device}, {dtype}'
+            + ('' if data.preloaded else f'; streaming {dataset} from disk'))
 
     def checkpoint(done=False):
         state = {'model': raw_model.state_dict(), 'optimizer': optim.state_dict(), 'scaler': scaler.state_dict(),
@@ -395,39 +510,62 @@ def train_fold(k, fold_dir):
                  'vocab': data.vocab, 'label_names': data.label_names, 'log_base': data.log_base, 'done': done}
         save(os.path.join(fold_dir, 'ckpt.pt'), state)
 
+    # the batches, from the next micro-step on: built in num_workers background processes, or here when 0
+    loader = torch.utils.data.DataLoader(Batches(train_idx, raw_model.config), batch_size=None,
+                                         sampler=range(iter_num * grad_accum, max_iters * grad_accum),
+                                         num_workers=num_workers, pin_memory=device_type == 'cuda',
+                                         prefetch_factor=4 if num_workers else None)
+    batches = iter(loader)
     model.train()
+    raw_model.expert_load(reset=True)
     pbar = tqdm(total=max_iters, initial=iter_num, disable=not master, desc=f'fold {k}', leave=False)
-    t0, cells_since = time.time(), 0
+    t0, cells_since, data_time, compute_time, padding = time.time(), 0, 0.0, 0.0, []
     while iter_num < max_iters:
         lr = get_lr(iter_num)
         for group in optim.param_groups:
             group['lr'] = lr
         torch.manual_seed(seed + iter_num * world_size + rank)     # dropout: the same on resume
         for micro in range(grad_accum):
-            step = iter_num * grad_accum + micro
-            tokens, targets = get_batch(batch_indices(train_idx, step), raw_model.config, step)
+            t_data = time.time()
+            x, targets = (to_device(t) for t in next(batches))
+            t_compute = time.time()
+            data_time += t_compute - t_data
+            if isinstance(x, dict):
+                padding.append((x['genes'] < 0).float().mean().item())
             sync = nullcontext() if (not ddp or micro == grad_accum - 1) else model.no_sync()
             with sync:
                 with autocast:
-                    _, loss = model(tokens, targets, class_weight=class_weight)
-                if ddp:     # a mean over the global batch, not a mean of the ranks' means (their masked counts differ)
-                    loss = loss * loss_share(targets, class_weight)
-                scaler.scale(loss / grad_accum).backward()
-            cells_since += len(tokens) * world_size
+                    _, loss = model(x, targets, class_weight=class_weight, mlm_weight=mlm_weight,
+                                    regression_weight=regression_weight)
+                # DDP: a mean over the global batch, not a mean of the ranks' means (their masked counts differ)
+                share = loss_share(targets, class_weight) if ddp else 1.0
+                aux, z = raw_model.aux_losses()                      # MoE: load balancing and router z-loss
+                total = loss * share + aux_loss_weight * aux + z_loss_weight * z
+                scaler.scale(total / grad_accum).backward()
+            cells_since += len(targets['bins'] if isinstance(targets, dict) else targets) * world_size
+            compute_time += time.time() - t_compute
         if grad_clip:
             scaler.unscale_(optim)
             torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip)
         scaler.step(optim)
         scaler.update()
         optim.zero_grad(set_to_none=True)
+        if device_type == 'cuda':
+            torch.cuda.synchronize()                                # for honest compute times
+        compute_time += time.time() - t_compute
         pbar.update(1)
 
         if iter_num % log_interval == 0 or iter_num == max_iters - 1:
             dt = time.time() - t0
             history['iter'].append(iter_num)
             history['train_loss'].append(loss.item())
-            log(f'iter {iter_num}: loss {loss.item():.4f}, lr {lr:.2e}, {cells_since / dt:.1f} cells/s')
-            t0, cells_since = time.time(), 0
+            # data time: waiting for the next batch; compute: forward, backward and the optimizer step
+            load = raw_model.expert_load(reset=True)
+            log(f'iter {iter_num}: loss {loss.item():.4f}, lr {lr:.2e}, {cells_since / dt:.1f} cells/s, '
+                f'data {1e3 * data_time:.0f} ms / compute {1e3 * compute_time:.0f} ms'
+                + (f', padding {np.mean(padding):.0%}' if padding else '')
+                + (f', aux {aux.item():.3f}, {describe_load(load)}' if load is not None else ''))
+            t0, cells_since, data_time, compute_time, padding = time.time(), 0, 0.0, 0.0, []
         if iter_num % eval_interval == 0 or iter_num == max_iters - 1:
             if master:
                 val = evaluate(raw_model, eval_idx)
@@ -441,9 +579,14 @@ def train_fold(k, fold_dir):
                     history.setdefault('val_masked_acc', []).append(val['masked_acc'])
                     improved = val['loss'] < best['loss']
                     log(f'iter {iter_num}: val loss {val["loss"]:.4f}, masked-bin accuracy {val["masked_acc"]:.4f} '
-                        f'(always the commonest bin: {val["majority_acc"]:.4f})')
+                        f'(always the commonest bin: {val["majority_acc"]:.4f})'
+                        + (f', masked-value MSE {val["masked_mse"]:.4f} (always the mean: {val["mean_guess_mse"]:.4f})'
+                           if 'masked_mse' in val else ''))
+                if 'expert_load' in val:
+                    log(f'iter {iter_num}: validation {describe_load(val["expert_load"])}')
                 if improved:
-                    best = {'macro_f1': val.get('macro_f1', -1.0), 'loss': val['loss'], 'iter': iter_num}
+                    best = {'macro_f1': val.get('macro_f1', -1.0), 'loss': val['loss'], 'iter': iter_num,
+                            'val': {m: v for m, v in val.items() if m not in ('prob', 'confusion')}}
                     save(os.path.join(fold_dir, 'best.pt'), {
                         'model': raw_model.state_dict(), 'model_args': asdict(raw_model.config), 'iter_num': iter_num,
                         'mode': mode, 'config': config, 'vocab': data.vocab, 'label_names': data.label_names,
@@ -472,6 +615,8 @@ def train_fold(k, fold_dir):
         prob = test.pop('prob')
         result.update(n_test=len(test_idx), val=best_ckpt['val'], test=test)
         log(f'fold {k} test  scBERT               {format_metrics_line(test)}  (best val iter {best["iter"]})')
+        if 'expert_load' in test:
+            log(f'fold {k} test  {describe_load(test["expert_load"])}')
         plot_confusion(test['confusion'], data.label_names, os.path.join(fold_dir, 'confusion.png'),
                        title=f'scBERT, test fold {k}: {format_metrics_line(test)}')
         np.save(os.path.join(fold_dir, 'test_prob.npy'), prob)
@@ -484,7 +629,7 @@ def train_fold(k, fold_dir):
             result['baseline'] = classification_metrics(data.labels[test_idx], lr_prob.argmax(1), lr_prob, data.label_names)
             log(f'fold {k} test  logistic regression  {format_metrics_line(result["baseline"])}')
     else:
-        result['val'] = {'loss': best['loss'], 'iter': best['iter']}
+        result['val'] = dict(best.get('val', {}), loss=best['loss'], iter=best['iter'])
     plot_loss(history, os.path.join(fold_dir, 'loss.png'))
     with atomic_write(os.path.join(fold_dir, 'metrics.json')) as tmp, open(tmp, 'w') as f:
         json.dump(result, f, indent=1)
@@ -493,6 +638,8 @@ def train_fold(k, fold_dir):
 
 
 # -----------------------------------------------------------------------------
+if fold == 'all' and test_batch:
+    raise UserError(f"test_batch='{test_batch}' gives one split; use --fold=0 (the fold that picks the validation cells)")
 if fold == 'all':
     folds = list(range(n_folds))
 elif fold.isdigit() and int(fold) < n_folds:

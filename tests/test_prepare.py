@@ -129,6 +129,14 @@ def test_several_inputs(tmp_path):
     ds = data.Dataset(tmp_path / 'out')
     assert ds.n_cells == 156 and ds.n_genes == 385 and len(ds.meta['source']) == 2
     np.testing.assert_allclose(ds.dense(np.arange(78)), ds.dense(np.arange(78, 156)))  # same counts twice
+    # a corpus streams: read and written 7 cells at a time, the same dataset comes out
+    prepare(f'--input={inputs}', f'--out_dir={tmp_path / "small_chunks"}', '--label_key=cell_type', '--min_genes=0',
+            '--chunk=7', '--n_top_genes=100')
+    prepare(f'--input={inputs}', f'--out_dir={tmp_path / "one_chunk"}', '--label_key=cell_type', '--min_genes=0',
+            '--n_top_genes=100')
+    a, b = data.Dataset(tmp_path / 'small_chunks'), data.Dataset(tmp_path / 'one_chunk')
+    assert a.vocab == b.vocab and np.array_equal(a.folds, b.folds) and np.array_equal(a.labels, b.labels)
+    np.testing.assert_array_equal(a.dense(np.arange(156)), b.dense(np.arange(156)))
 
 
 def test_legacy_pbmc(tmp_path):

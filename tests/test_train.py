@@ -235,11 +235,13 @@ def test_readme_quick_start(tmp_path):
     readme = (ROOT / 'README.md').read_text()
     block = readme.split('## Quick start', 1)[1].split('```', 2)[1].split('\n', 1)[1]     # after the fence's language
     commands = [line.strip() for line in block.splitlines() if line.strip() and not line.startswith('#')]
-    assert len(commands) == 2 and commands[0].endswith('python train.py') and 'pytest' in commands[1]
+    assert len(commands) == 3 and commands[0].endswith('python train.py') and 'pytest' in commands[2]
+    assert commands[1].split('#')[0].split() == ['python', 'train.py', 'config/scbert2_small.py']
     repo = tmp_path / 'repo'
     (repo / 'data').mkdir(parents=True)
     for script in ROOT.glob('*.py'):
         shutil.copy(script, repo)
+    shutil.copytree(ROOT / 'config', repo / 'config')
     shutil.copy(ROOT / 'data' / 'pbmc68k_reduced.h5ad', repo / 'data')
     result = subprocess.run([sys.executable, 'train.py', *TINY, '--max_iters=4', '--eval_interval=2'], cwd=repo, env=ENV,
                             capture_output=True, text=True, timeout=600)
@@ -248,6 +250,13 @@ def test_readme_quick_start(tmp_path):
     assert re.search(r'fold 0 test +logistic regression +acc 0\.[6-9]\d+', result.stdout), result.stdout[-2000:]
     assert json.loads((repo / 'data' / 'pbmc68k' / 'meta.json').read_text())['n_cells'] == 693
     assert (repo / 'out' / 'best.pt').exists()
+    # the second command, scBERT 2.0 on the same data, shortened
+    result = subprocess.run([sys.executable, 'train.py', 'config/scbert2_small.py', '--max_iters=3', '--eval_interval=2',
+                             '--batch_size=8', '--out_dir=out2', '--num_threads=1'], cwd=repo, env=ENV,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert re.search(r'fold 0 test +scBERT +acc \d\.\d+ +macro-F1 \d\.\d+', result.stdout), result.stdout[-2000:]
+    assert torch.load(repo / 'out2' / 'best.pt', weights_only=True)['model_args']['input_genes'] == 'expressed'
 
 
 def test_output_h5ad_reads_in_anndata(tmp_path):
