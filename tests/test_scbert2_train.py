@@ -3,41 +3,23 @@ an expressed-input MoE fine-tunes and predicts, expressed pretraining logs the m
 DDP with MoE matches one process, --test_batch holds out a donor, and Adafactor trains. Every run is a few steps."""
 import csv
 import json
-import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from test_train import ENV, ROOT, run, user_error  # noqa: F401  (the subprocess helpers)
+
 SHARED = ROOT.parent / 'shared' / 'data'
 FIXTURES = SHARED / 'fixtures'
-ENV = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONUNBUFFERED': '1'}
 SMALL = ['--n_embd=16', '--n_layer=1', '--n_head=4', '--dim_head=4', '--head_hidden=16', '--num_threads=1',
          '--batch_size=8', '--baseline=False']
 # scBERT 2.0 with every option on: expressed genes, GQA, RMSNorm, SwiGLU, a top-2 MoE, the continuous value embedding
 V2 = ['--input_genes=expressed', '--attention=sdpa', '--head=cls', '--n_kv_head=2', '--norm=rmsnorm', '--mlp=swiglu',
       '--n_expert=4', '--n_expert_active=2', '--value_emb=continuous', '--n_bins=7']
-
-
-def run(script, *args, check=True):
-    result = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT, env=ENV,
-                            capture_output=True, text=True, timeout=600)
-    if check and result.returncode != 0:
-        raise AssertionError(f'{script} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}')
-    return result
-
-
-def user_error(result, pattern):
-    """A bad input: non-zero exit, one 'error:' line naming the problem, no traceback."""
-    assert result.returncode != 0
-    assert 'Traceback' not in result.stderr, result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.startswith('error:')]
-    assert len(lines) == 1 and re.search(pattern, lines[0]), result.stderr
 
 
 def state(path):
