@@ -444,6 +444,7 @@ for name in variant_names:
         # The same (B, 1 + T) shape twice: the real batch, whose padding needs a mask, and the batch with its padding
         # turned into real tokens (gene 0, value 0), which needs none. The difference is what the mask costs.
         x, _ = expressed_cells(mc, batch_list[-1])
+        x = {k: F.pad(v, (0, 1), value=-1 if k == 'genes' else 0) for k, v in x.items()}   # at least one padding column
         padded, full = x, dict(x, genes=x['genes'].clamp(min=0))
         L = 1 + x['genes'].shape[1]
         q = torch.zeros(len(x['genes']), mc.n_head, L, mc.dim_head, device=device, dtype=ptdtype)

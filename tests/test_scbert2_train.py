@@ -184,6 +184,18 @@ def test_adafactor_trains_an_expressed_model(baron, tmp_path):
     assert 'test' in json.loads((out / 'metrics.json').read_text())
 
 
+def test_background_workers_and_streaming_give_the_same_run(baron, tmp_path):
+    """Batches built by 2 DataLoader workers from a dataset streamed from disk (preload=False) are the batches built
+    in the training process from memory: the two runs end with the same weights."""
+    common = [f'--dataset={baron}', *SMALL, *V2, '--max_genes=64', '--max_iters=4', '--eval_interval=3']
+    run('train.py', *common, f'--out_dir={tmp_path / "a"}')
+    result = run('train.py', *common, f'--out_dir={tmp_path / "b"}', '--num_workers=2', '--preload=False')
+    assert 'streaming' in result.stdout and re.search(r'data \d+ ms / compute \d+ ms', result.stdout)
+    a, b = state(tmp_path / 'a' / 'ckpt.pt')['model'], state(tmp_path / 'b' / 'ckpt.pt')['model']
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
+
+
 def test_bucketing_by_length_cuts_the_padding(baron, tmp_path):
     """--bucket batches cells of similar length together: the logged padding share drops, and training still runs."""
     shares = {}
