@@ -128,8 +128,10 @@ if init_from == 'scratch' and input_genes == 'expressed' and attention != 'sdpa'
     raise UserError("input_genes='expressed' needs --attention=sdpa")
 if init_from == 'scratch' and input_genes == 'all' and head == 'cls':
     raise UserError("head='cls' needs --input_genes=expressed (scBERT's input has no CLS token); use scbert or pooled")
-if n_head % (n_kv_head or n_head) or (n_expert and not 1 <= n_expert_active <= n_expert):
-    raise UserError(f'n_head ({n_head}) must be a multiple of n_kv_head ({n_kv_head}), and 1 <= n_expert_active <= n_expert')
+if n_kv_head < 0 or n_head % (n_kv_head or n_head):
+    raise UserError(f'n_head ({n_head}) must be a multiple of n_kv_head ({n_kv_head}) (set --n_kv_head=1, 2, ... or 0)')
+if n_expert and not 1 <= n_expert_active <= n_expert:
+    raise UserError(f'n_expert_active must be between 1 and n_expert ({n_expert}), not {n_expert_active}')
 
 # DDP: torchrun sets RANK; one process per GPU, or per CPU slot with gloo
 ddp = int(os.environ.get('RANK', -1)) != -1
@@ -380,7 +382,7 @@ def evaluate(model, idx):
     for expressed input the masked values' mean squared error. MoE models: how evenly the experts were used."""
     model.eval()
     model.expert_load(reset=True)
-    losses, weights, probs, correct, bin_counts, sq_err, target_sum = [], [], [], 0, 0, 0.0, []
+    losses, weights, probs, correct, bin_counts, sq_err, masked_values = [], [], [], 0, 0, 0.0, []
     for start in range(0, len(idx), batch_size * 2):
         chunk = idx[start:start + batch_size * 2]
         x, targets = (to_device(t) for t in get_batch(chunk, model.config))
@@ -396,7 +398,7 @@ def evaluate(model, idx):
         if isinstance(logits, dict):                                # expressed: bins and values
             sel = targets['bins'] != -100
             sq_err += (logits['values'][sel].float() - targets['values'][sel]).pow(2).sum().item()
-            target_sum.append(targets['values'][sel].cpu())
+            masked_values.append(targets['values'][sel].cpu())
             logits, targets = logits['bins'], targets['bins']
         sel = targets != -100
         correct += (logits.argmax(-1)[sel] == targets[sel]).sum().item()
@@ -413,8 +415,8 @@ def evaluate(model, idx):
         n_masked = max(1, int(bin_counts.sum()))
         # the floor to beat: always guessing the commonest bin of the masked genes
         out.update(masked_acc=correct / n_masked, majority_acc=int(bin_counts.max()) / n_masked)
-        if target_sum:                                              # and for values: always guessing their mean
-            values = torch.cat(target_sum).double()
+        if masked_values:                                              # and for values: always guessing their mean
+            values = torch.cat(masked_values).double()
             out.update(masked_mse=sq_err / len(values), mean_guess_mse=float(values.var(unbiased=False)))
     return out
 
