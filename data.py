@@ -13,6 +13,7 @@ import json
 import math
 import os
 import shutil
+import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -502,6 +503,8 @@ def quantile_bins(indptr, values, n_bins):
     explicitly stored zero would count in the edges). Vectorised over a CSR batch:
     indptr int64 [B+1], values float [nnz] -> int64 [nnz]. The edges are np.quantile's (linear interpolation) and a
     value goes above every edge it equals (np.digitize, right=False): bin = 1 + #(edges <= value)."""
+    if len(values) == 0:
+        return np.zeros(0, dtype=np.int64)
     lengths = np.diff(indptr)
     row = np.repeat(np.arange(len(lengths)), lengths)
     order = np.lexsort((values, row))                          # sorted by cell, then value
@@ -511,8 +514,6 @@ def quantile_bins(indptr, values, n_bins):
     lo, frac = np.floor(pos).astype(np.int64), pos - np.floor(pos)
     hi = np.minimum(lo + 1, np.maximum(lengths, 1)[:, None] - 1)
     start = indptr[:-1, None]
-    if len(sorted_vals) == 0:
-        return np.zeros(0, dtype=np.int64)
     at = lambda i: sorted_vals[np.minimum(start + i, len(sorted_vals) - 1)]
     edges = at(lo) + frac * (at(hi) - at(lo))                  # (B, n_bins - 1)
     bins = 1 + (edges[row] <= values[:, None]).sum(1)
@@ -530,7 +531,6 @@ def value_bins(indptr, values, log_base, value_emb, n_bins):
 def cell_seeds(indptr, indices, seed=0):
     """A seed per cell computed from its content (its expressed genes): evaluation and predict.py then pick the same
     genes of a cell whatever batch, file order or process it comes in."""
-    import zlib
     return [[seed, zlib.crc32(indices[indptr[i]:indptr[i + 1]].astype(np.int32).tobytes())] for i in range(len(indptr) - 1)]
 
 

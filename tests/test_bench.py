@@ -115,25 +115,12 @@ def test_help_and_bad_settings():
     assert len(lines) == 1 and "'nope'" in lines[0] and 'scbert_exact' in lines[0]
 
 
-@pytest.fixture(scope='module')
-def prepared_baron(tmp_path_factory):
-    fixtures = ROOT.parent / 'shared' / 'data' / 'fixtures'
-    if not fixtures.exists():
-        pytest.skip('shared data not available')
-    out = tmp_path_factory.mktemp('data') / 'baron'
-    result = subprocess.run([sys.executable, str(ROOT / 'prepare_data.py'), f'--input={fixtures / "counts_csr.h5ad"}',
-                             f'--out_dir={out}', '--label_key=cell_type', '--min_genes=10'],
-                            cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    return out
-
-
-def test_scbert2_on_real_cells_flops_and_mask_cost(prepared_baron, tmp_path):
+def test_scbert2_on_real_cells_flops_and_mask_cost(baron, tmp_path):
     """scBERT 2.0 (config/scbert2_small.py's architecture) on real cells: the FLOPs per cell count each cell's own
     tokens, agree with torch's flop counter, and the padding mask's cost is measured at the same shape."""
     from data import Dataset, cell_seeds, expressed_batch
     out = tmp_path / 'bench.json'
-    result = bench('--variants=scbert2_small', f'--dataset={prepared_baron}', '--batch_sizes=1,3', '--repeats=1',
+    result = bench('--variants=scbert2_small', f'--dataset={baron}', '--batch_sizes=1,3', '--repeats=1',
                    '--warmup=0', '--num_threads=1', '--peak_flops=1e11', f'--out={out}')
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     v = json.loads(out.read_text())['variants'][0]
@@ -142,7 +129,7 @@ def test_scbert2_on_real_cells_flops_and_mask_cost(prepared_baron, tmp_path):
     assert v['mask_cost']['masked_s'] > 0 and v['mask_cost']['unmasked_s'] > 0 and v['mask_cost']['batch_size'] == 3
     assert 'padding mask' in result.stdout
     # the first sampled cell, alone (no padding): analytic FLOPs of batch 1 == torch's count of the model's matmuls
-    data = Dataset(prepared_baron)
+    data = Dataset(baron)
     sample = np.sort(np.random.default_rng(0).choice(data.n_cells, 3, replace=False))
     indptr, indices, values = data.rows(sample[:1])
     x = expressed_batch(indptr, indices, values, cell_seeds(indptr, indices, 0), cfg, data.log_base)

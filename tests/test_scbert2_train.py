@@ -11,32 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from test_train import ENV, ROOT, run, user_error  # noqa: F401  (the subprocess helpers)
+from test_train import ENV, ROOT, run, state, user_error  # the subprocess helpers
 
-SHARED = ROOT.parent / 'shared' / 'data'
-FIXTURES = SHARED / 'fixtures'
+FIXTURES = ROOT.parent / 'shared' / 'data' / 'fixtures'
 SMALL = ['--n_embd=16', '--n_layer=1', '--n_head=4', '--dim_head=4', '--head_hidden=16', '--num_threads=1',
          '--batch_size=8', '--baseline=False']
 # scBERT 2.0 with every option on: expressed genes, GQA, RMSNorm, SwiGLU, a top-2 MoE, the continuous value embedding
 V2 = ['--input_genes=expressed', '--attention=sdpa', '--head=cls', '--n_kv_head=2', '--norm=rmsnorm', '--mlp=swiglu',
       '--n_expert=4', '--n_expert_active=2', '--value_emb=continuous', '--n_bins=7']
-
-
-def state(path):
-    return torch.load(path, weights_only=True)
-
-
-@pytest.fixture(scope='module')
-def baron(tmp_path_factory):
-    """78 real Baron cells x 385 genes (each expresses 135-358 of them), 5 folds, two donors (mouse1 32, mouse2 46)."""
-    if not FIXTURES.exists():
-        pytest.skip('shared data not available')
-    out = tmp_path_factory.mktemp('data') / 'baron'
-    run('prepare_data.py', f'--input={FIXTURES / "counts_csr.h5ad"}', f'--out_dir={out}', '--label_key=cell_type',
-        '--batch_key=donor', '--min_genes=10')
-    meta = json.loads((out / 'meta.json').read_text())
-    assert meta['batch_names'] == ['mouse1', 'mouse2'] and meta['n_cells'] == 78
-    return out
 
 
 def check_expert_load(load, n_layer=1, n_expert=4):

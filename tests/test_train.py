@@ -37,17 +37,6 @@ def user_error(result, pattern):
     assert len(lines) == 1 and re.search(pattern, lines[0]), result.stderr
 
 
-@pytest.fixture(scope='module')
-def baron(tmp_path_factory):
-    """78 real Baron cells x 385 genes, prepared (counts -> log2 CPM-style values, 5 stratified folds)."""
-    if not FIXTURES.exists():
-        pytest.skip('shared data not available')
-    out = tmp_path_factory.mktemp('data') / 'baron'
-    run('prepare_data.py', f'--input={FIXTURES / "counts_csr.h5ad"}', f'--out_dir={out}', '--label_key=cell_type',
-        '--min_genes=10')
-    return out
-
-
 def state(path):
     return torch.load(path, weights_only=True)
 
