@@ -1,86 +1,119 @@
 """
-Benchmark the model variants: inference and training speed, peak memory, FLOPs per cell and MFU, side by side.
+Benchmark the model variants side by side: inference and training speed, peak memory, parameters, FLOPs per cell and
+MFU against this machine's own limit. What each design choice buys, measured.
 
-    python bench.py                                           # scBERT (FAVOR+) and scBERT with exact attention, full size
-    python bench.py --variants=scbert --batch_sizes=1,8,32 --num_threads=2 --out=bench.json
-    python bench.py --n_genes=2000 --repeats=5 --profile      # a smaller panel; torch.profiler's top ops
-    python bench.py --variants=scbert,scbert2_small,scbert2 --dataset=data/baron --batch_sizes=1,32   # Baron cells
+    python bench.py                                       # every variant, embedded PBMC cells (< 2 min on 2 cores)
+    python bench.py --variants=scbert2_gqa,scbert2_gqa+compile,scbert2_gqa+bf16   # compiled vs eager, bf16 vs fp32
+    python bench.py --dataset=data/baron --batch_sizes=1,32 --profile  # any prepared dataset; torch.profiler's top ops
+    python bench.py --variants=out/ckpt.pt --dataset=data/baron        # a checkpoint of train.py (or distill.py ...)
+    python bench.py --dataset= --n_genes=16906 --variants=scbert       # synthetic cells, the original's full panel
+    python bench.py --scaling=True                        # synthetic sweep of the work per cell -> bench_scaling.png
 
-Variants (--variants, comma-separated):
-    scbert         ScBERT with Performer attention (FAVOR+), the original's architecture by default
-    scbert_exact   the same with exact softmax attention (F.scaled_dot_product_attention)
-    scbert2        scBERT 2.0, the flagship of config/scbert2.py: expressed genes only, GQA, RMSNorm, SwiGLU, 8-expert MoE
-    scbert2_small  scBERT 2.0 of config/scbert2_small.py, the CPU-sized one
-The scBERT 2.0 architectures are read from those config files, so the bench measures what train.py trains.
+Variants (--variants, comma-separated); each changes one thing from the one before it:
+    scbert          the original scBERT: Performer (FAVOR+) over the full gene panel, width 200, 6 layers, 10 heads of 64
+    scbert_exact    the same with exact softmax attention, F.scaled_dot_product_attention (flash kernels where possible)
+    scbert2_dense   scBERT 2.0 at the flagship's size (config/scbert2.py): expressed genes only, SDPA, RMSNorm, a
+                    dense SwiGLU MLP, multi-head attention (8 key/value heads)
+    scbert2_gqa     + grouped-query attention (2 key/value heads for 8 query heads)
+    scbert2_moe     + the 8-expert, top-2 mixture of experts: the flagship itself (alias: scbert2)
+    scbert2_small   config/scbert2_small.py, the CPU-sized scBERT 2.0 (4 layers of 64, GQA, 4 experts)
+    <path>.pt       a checkpoint of ours (train.py's ckpt.pt), run on the dataset's cells mapped onto its genes
+  modifiers, appended to any of them: +compile (torch.compile; the default is eager), +fp32, +bf16 (autocast; the
+  run's default is fp32 on CPU, bf16 on CUDA), +fp16 (CUDA). Not built yet, and skipped with a note: int8 and ternary
+  (1.58-bit) quantization, as +int8 / +ternary (quantize.py), and distilled students (distill.py).
+The scBERT 2.0 architectures are read from the config files, so the bench measures what train.py trains. n_embd,
+n_layer, n_head, n_kv_head and dim_head override every variant's own (0 = keep it).
 
-The scBERT cells are synthetic but shaped like real ones: about expressed_frac of the genes get a bin 1..5, the rest 0,
-plus the appended 0 token (these dense models cost the same whatever the tokens are). scBERT 2.0's cost depends on how
-many genes each cell expresses: it reads real cells from `dataset` (a prepared dataset: a fixed random sample of its
-cells, the same for every variant), or else synthetic ones with expressed_frac of n_genes expressed. Each run is warmed up, then timed
-`repeats` times; we report the median with min and max. Inference runs under torch.no_grad; a training step is forward,
-backward (classification loss) and an AdamW step.
+Cells: real ones from `dataset` (a prepared dataset; the default is made from the embedded PBMC data on first use): the
+same fixed random sample for every variant, because the cost of the expressed-gene models depends on real sparsity. The
+scBERT variants read the dataset's whole panel (n_genes + 1 tokens, binned as train.py does); scBERT 2.0 reads each
+cell's expressed genes (at most max_genes, a fixed subset as at evaluation). With dataset='' the cells are synthetic:
+expressed_frac of an n_genes panel expressed, with exponential values.
+
+Method: each run is warmed up (`warmup` untimed runs, which include compilation), then timed `repeats` times, CUDA
+synchronized; we report the median with min and max. Inference runs under torch.no_grad; a training step is forward,
+backward (classification loss, plus the MoE's load-balancing loss) and an AdamW step. The thread count is fixed and
+recorded with the machine's details in the JSON.
 
 FLOPs are counted analytically per module, matmuls only (2 per multiply-add), as torch.utils.flop_counter counts them:
-the linears, FAVOR+'s feature maps and its two linear-attention matmuls, or exact attention's QKᵀ and AV. Norms, GELU,
-exp and softmax are left out. A training step counts as 3x the forward pass. MFU = achieved FLOP/s / peak FLOP/s, where the
-peak is the machine's own: on CPU, timed on a large matmul in the run's dtype in this same run (a busy machine lowers it
-as it lowers the model); on CUDA, the datasheet's dense bf16/fp16 or TF32 peak of a known GPU, or --peak_flops.
+the linears, FAVOR+'s feature maps and its two linear-attention matmuls, or exact attention's QKᵀ and AV; the real
+tokens only (padding is waste, not work). Norms, activations, exp and softmax are left out. A training step counts as
+3x the forward pass. Every variant is cross-checked: one cell's forward is run under torch.utils.flop_counter (with
+SDPA's math kernel, whose matmuls it sees) and each module group's count is compared with ours.
 
-Peak memory is CUDA's max allocated, or on CPU the process's peak RSS (resource.getrusage). RSS is a high-water mark of
-the whole process; on Linux we reset it before each run (/proc/self/clear_refs), so each run reports its own peak, which
-still includes the model, the libraries and what earlier runs left allocated. Where that reset is refused the numbers are
-the process's running maximum, in run order, and the output says so. Before each run the memory it needs is estimated
-(exact attention's L² scores dominate when SDPA falls back to its math kernel: 10 heads x 16,907² floats = 11 GB per
-cell) and a run that would not fit in the available memory is skipped with a note.
+MFU = achieved FLOP/s / peak FLOP/s, where the peak is this machine's: on CPU, the fastest large matmul in the run's
+dtype, timed at the start and at the end of this run (a busy machine lowers it as it lowers the model); on CUDA, the
+datasheet's dense bf16/fp16 or TF32 peak of the GPU found in a table, or --peak_flops. Nothing assumes one GPU.
+
+Peak memory is CUDA's max allocated, or on CPU the process's peak RSS (resource.getrusage), reset before each run
+(/proc/self/clear_refs on Linux), so each run reports its own peak, which still includes the model, the libraries and
+what earlier runs left allocated. A run whose estimated memory would not fit (exact attention's L² scores when SDPA
+falls back to its math kernel: 10 heads x 16,907² floats = 11 GB per cell) is skipped with a note.
+
+Output: a markdown table on stdout, `out` (JSON: settings, machine, every run) and `plot` (cells/s and MFU per variant).
+--scaling=True instead sweeps synthetic cells: scBERT's panel size (scaling_panels) and scBERT 2.0's expressed genes
+per cell (scaling_genes, all of them read), inference at scaling_batch, and plots time and MFU against the tokens per
+cell (scaling_plot).
 """
 import ctypes
 import gc
 import json
+import logging
 import os
 import platform
 import re
 import resource
 import statistics
+import subprocess
 import sys
 import time
+import warnings
 from contextlib import nullcontext
-from dataclasses import asdict
-
-import torch
-import torch.nn.functional as F
-from torch.nn.attention import SDPBackend
+from dataclasses import asdict, replace
 
 import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
-from data import Dataset, UserError, atomic_write, cell_seeds, expressed_batch
+from data import Dataset, UserError, atomic_write, cell_seeds, expressed_batch, scbert_tokens
 from model import ModelConfig, ScBERT
 
 # -----------------------------------------------------------------------------
-variants = 'scbert,scbert_exact'  # which models to measure, comma-separated (see above)
-n_genes = 16906                # genes in the panel (the sequence is n_genes + 1 tokens); the original's panel
-n_embd = 200                   # model width (the original's)
-n_layer = 6                    # transformer blocks (the original's)
-n_head = 10                    # attention heads (the original's)
-dim_head = 64                  # width per head (the original's)
-n_classes = 10                 # classifier outputs; the head is the original's ('scbert': per-gene projection, then an MLP)
+variants = 'scbert,scbert_exact,scbert2_dense,scbert2_gqa,scbert2_moe,scbert2_small'  # what to measure (see above)
+dataset = 'data/pbmc68k'       # prepared dataset whose real cells are measured ('' = synthetic cells)
+n_genes = 16906                # synthetic cells: genes in the panel (the original scBERT's 16,906)
+expressed_frac = 0.1           # synthetic cells: the fraction of the panel each cell expresses (real cells: ~5-30%)
+n_embd = 0                     # model width for every variant (0 = each variant's own)
+n_layer = 0                    # transformer blocks for every variant (0 = each variant's own)
+n_head = 0                     # attention heads for every variant (0 = each variant's own)
+n_kv_head = 0                  # key/value heads of the GQA variants (0 = each variant's own)
+dim_head = 0                   # width per head for every variant (0 = each variant's own)
+n_classes = 10                 # classifier outputs
 batch_sizes = '1,8'            # inference batch sizes, comma-separated
-train_batch_size = 1           # cells per training step
+train_batch_size = 8           # cells per training step
+train = True                   # also time training steps (forward + backward + AdamW)
 warmup = 1                     # untimed runs before timing (compilation, allocator, caches)
 repeats = 3                    # timed runs; we report the median, min and max
-train = True                   # also time training steps (forward + backward + AdamW)
-expressed_frac = 0.1           # fraction of genes with a non-zero bin in the synthetic cells (real cells: ~5-15%)
-dataset = ''                   # prepared dataset whose real cells feed the scBERT 2.0 variants ('' = synthetic cells)
-seed = 0                       # seeds the weights and the synthetic cells
+seed = 0                       # seeds the weights, the sampled cells and the synthetic cells
 device = 'auto'                # 'auto' | 'cpu' | 'cuda' | 'cuda:1' ...
 dtype = 'auto'                 # 'auto' (bfloat16 autocast on CUDA, float32 on CPU) | 'float32' | 'bfloat16' | 'float16'
-compile = False                # torch.compile the model (the warm-up runs then include compilation)
-num_threads = 0                # CPU threads (0 = PyTorch's default); the number used is recorded
+compile = False                # torch.compile every variant (or add +compile to one)
+num_threads = 0                # CPU threads (0 = PyTorch's default, one per core); the number used is recorded
 peak_flops = 0.0               # the machine's peak FLOP/s for MFU (0 = measure a matmul on CPU, a table of GPUs on CUDA)
 mem_limit_gb = 0.0             # skip runs estimated to need more memory than this (0 = the memory available at start)
-profile = False                # print torch.profiler's top ops for the first variant
+flop_check = True              # cross-check the analytic FLOPs with torch.utils.flop_counter on one cell per variant
+profile = False                # print torch.profiler's top ops of each variant's biggest inference batch
 mask_cost = True               # scBERT 2.0: time the biggest inference batch with its padding mask against the same
                                # shape with no padding (no mask: the flash kernel on GPU), and name SDPA's kernel for each
-out = ''                       # also write every result to this JSON file ('' = no file)
+scaling = False                # instead of the table: sweep synthetic cells of growing size (see above)
+scaling_genes = '500,1000,2000,4000'            # expressed genes per cell for the scBERT 2.0 variants
+scaling_panels = '1000,2000,4000,8000,16906'    # panel sizes for the scBERT variants
+scaling_batch = 1              # inference batch size of the sweep
+out = 'bench.json'             # every result as JSON ('' = none)
+plot = 'bench.png'             # cells/s and MFU per variant ('' = none)
+scaling_plot = 'bench_scaling.png'  # the sweep's plot ('' = none)
 # -----------------------------------------------------------------------------
 from configurator import configure  # noqa: E402
 config = configure(globals())
@@ -95,23 +128,70 @@ def architecture(config_file):
     return {k: v for k, v in scope.items() if k in ModelConfig.__dataclass_fields__}
 
 
-VARIANTS = {                   # name -> ModelConfig fields that differ from the base architecture above
-    'scbert': dict(attention='performer'),
-    'scbert_exact': dict(attention='sdpa'),
-    'scbert2': architecture('config/scbert2.py'),
-    'scbert2_small': architecture('config/scbert2_small.py'),
+SCBERT = dict(n_embd=200, n_layer=6, n_head=10, dim_head=64, head='scbert')   # the original's architecture
+FLAGSHIP, SMALL = architecture('config/scbert2.py'), architecture('config/scbert2_small.py')
+VARIANTS = {   # name -> (its architecture, the fields that define the variant: they win over the n_embd... settings)
+    'scbert': (SCBERT, dict(attention='performer')),
+    'scbert_exact': (SCBERT, dict(attention='sdpa')),
+    'scbert2_dense': (FLAGSHIP, dict(n_kv_head=0, n_expert=0)),   # n_kv_head 0 = n_head: multi-head attention
+    'scbert2_gqa': (FLAGSHIP, dict(n_expert=0)),
+    'scbert2_moe': (FLAGSHIP, {}),
+    'scbert2': (FLAGSHIP, {}),
+    'scbert2_small': (SMALL, {}),
 }
-variant_names = [v.strip() for v in variants.split(',') if v.strip()]
-for name in variant_names:
-    if name not in VARIANTS:
-        raise UserError(f"unknown variant '{name}' (known: {', '.join(VARIANTS)}; set --variants=...)")
-try:
-    batch_list = [int(b) for b in batch_sizes.split(',') if b.strip()]
-except ValueError:
-    batch_list = []
-if not batch_list or min(batch_list) < 1 or train_batch_size < 1 or repeats < 1 or warmup < 0:
-    raise UserError(f"batch_sizes must be positive integers like '1,8' (got '{batch_sizes}'), train_batch_size and "
-                    f"repeats >= 1, warmup >= 0")
+DTYPES = {'fp32': 'float32', 'bf16': 'bfloat16', 'fp16': 'float16'}
+NOT_BUILT = {  # variants of later issues: skipped with a note until they exist
+    'int8': 'int8 quantization is not built yet (quantize.py)',
+    'ternary': '1.58-bit (ternary) quantization is not built yet (quantize.py)',
+    'distilled': 'distillation is not built yet (distill.py); a student checkpoint will run as --variants=<its ckpt.pt>',
+}
+OVERRIDES = {k: v for k, v in dict(n_embd=n_embd, n_layer=n_layer, n_head=n_head, n_kv_head=n_kv_head,
+                                   dim_head=dim_head).items() if v}
+
+
+def parse_variant(name):
+    """'scbert2_gqa+compile+bf16' -> dict(base, dtype, compile, ckpt, skip): what to build, or why not."""
+    base, *mods = name.split('+')
+    spec = dict(name=name, base=base, dtype=dtype, compile=compile, ckpt=None, skip=None)
+    if base.endswith('.pt') or os.path.sep in base:
+        if not os.path.isfile(base):
+            raise UserError(f"checkpoint {base} not found (a variant ending in .pt is a checkpoint path)")
+        spec['ckpt'] = base
+    elif base in NOT_BUILT:
+        spec['skip'] = NOT_BUILT[base]
+    elif base not in VARIANTS:
+        raise UserError(f"unknown variant '{base}' (known: {', '.join(list(VARIANTS) + list(NOT_BUILT))}, or a "
+                        f"checkpoint path; set --variants=...)")
+    for mod in mods:
+        if mod in NOT_BUILT:
+            spec['skip'] = NOT_BUILT[mod]
+        elif mod in DTYPES:
+            spec['dtype'] = DTYPES[mod]
+        elif mod in ('compile', 'eager'):
+            spec['compile'] = mod == 'compile'
+        else:
+            raise UserError(f"unknown modifier '+{mod}' in '{name}' (known: +compile, +eager, +fp32, +bf16, +fp16, "
+                            f"+int8, +ternary)")
+    return spec
+
+
+def int_list(text, setting):
+    try:
+        values = [int(v) for v in text.split(',') if v.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise UserError(f"{setting} must be positive integers separated by commas, like '1,8' (got '{text}')")
+    return values
+
+
+specs = [parse_variant(v.strip()) for v in variants.split(',') if v.strip()]
+if not specs:
+    raise UserError("variants is empty; set --variants=scbert,scbert2_gqa,... (see --help)")
+batch_list = int_list(batch_sizes, 'batch_sizes')
+sweep_genes, sweep_panels = int_list(scaling_genes, 'scaling_genes'), int_list(scaling_panels, 'scaling_panels')
+if train_batch_size < 1 or repeats < 1 or warmup < 0 or scaling_batch < 1 or not 0 < expressed_frac <= 1:
+    raise UserError("train_batch_size, scaling_batch and repeats must be >= 1, warmup >= 0, 0 < expressed_frac <= 1")
 
 device = ('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device
 device_type = 'cuda' if 'cuda' in device else 'cpu'
@@ -120,12 +200,18 @@ if device_type == 'cuda' and not torch.cuda.is_available():
 if num_threads:
     torch.set_num_threads(num_threads)
 if dtype == 'auto':
-    dtype = 'bfloat16' if device_type == 'cuda' else 'float32'     # as train.py: bf16 autocast was far slower on CPU
-if dtype not in ('float32', 'bfloat16', 'float16') or (device_type == 'cpu' and dtype == 'float16'):
-    raise UserError(f"dtype must be float32, bfloat16 or float16 (float16 needs CUDA), not '{dtype}'")
-ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
-autocast = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type=device_type, dtype=ptdtype)
+    dtype = 'bfloat16' if device_type == 'cuda' else 'float32'     # as train.py: fp32 is exact and fast on every CPU
+for spec in specs:
+    spec['dtype'] = dtype if spec['dtype'] == 'auto' else spec['dtype']
+    if spec['dtype'] not in DTYPES.values() or (device_type == 'cpu' and spec['dtype'] == 'float16'):
+        raise UserError(f"dtype must be float32, bfloat16 or float16 (float16 needs CUDA), not '{spec['dtype']}'")
+PT_DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
 torch.set_flush_denormal(True)  # exp() in FAVOR+ underflows to denormal floats, which slow CPU matmuls many-fold
+if any(spec['compile'] for spec in specs):
+    # the model breaks its graph at data-dependent branches (a mask only when a batch has padding), as intended: keep
+    # dynamo's warnings about it out of the table (TORCH_LOGS=graph_breaks lists them)
+    torch._logging.set_logs(dynamo=logging.ERROR)
+    warnings.filterwarnings('ignore', module=r'torch\._dynamo')
 if device_type == 'cuda':       # as train.py: fp32 matmuls run as TF32 on tensor cores
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
@@ -134,6 +220,10 @@ if device_type == 'cuda':       # as train.py: fp32 matmuls run as TF32 on tenso
 def sync():
     if device_type == 'cuda':
         torch.cuda.synchronize(device)
+
+
+def autocast(dt):
+    return nullcontext() if dt == 'float32' else torch.autocast(device_type=device_type, dtype=PT_DTYPES[dt])
 
 
 # -----------------------------------------------------------------------------
@@ -160,11 +250,38 @@ def forward_flops_per_cell(mc, lengths=None):
     if mc.input_genes == 'expressed' and mc.value_emb == 'continuous':     # auto-discretization of each gene's value
         B = mc.n_bins
         flops['value_emb'] = (L - 1) * 2 * (B + B * B + B * E)
-    if mc.head == 'scbert':   # gene_proj (E -> 1 per gene), fc1 (L -> 512), fc2, fc3
-        flops['head'] = 2 * (L * E + L * 512 + 512 * mc.head_hidden + mc.head_hidden * mc.n_classes)
+    if mc.head == 'scbert':   # gene_proj (E -> 1 per token), fc1 (the whole panel, seq_len -> 512), fc2, fc3
+        flops['head'] = 2 * (L * E + mc.seq_len * 512 + 512 * mc.head_hidden + mc.head_hidden * mc.n_classes)
     else:
         flops['head'] = 2 * (E * mc.head_hidden + mc.head_hidden * mc.n_classes)
     return {k: float(v) if n_cells > 1 else int(round(v)) for k, v in flops.items()}
+
+
+# which model modules (as torch.utils.flop_counter names them) do the work of each analytic term
+FLOP_GROUPS = {
+    'attention': (r'ScBERT\.blocks\.\d+\.attn', ('attn_proj', 'favor_features', 'favor_attention', 'attention_scores')),
+    'mlp': (r'ScBERT\.blocks\.\d+\.mlp', ('mlp', 'moe')),
+    'value_emb': (r'ScBERT\.value_emb', ('value_emb',)),
+    'head': (r'ScBERT\.cls_head', ('head',)),
+}
+
+
+def count_flops(model, mc, x, length):
+    """One cell's forward under torch.utils.flop_counter, against our count, per module group. SDPA runs its math
+    kernel here: the counter sees its matmuls, but no FLOPs inside the CPU flash kernel."""
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(x)
+    counts = counter.get_flop_counts()
+    ours = forward_flops_per_cell(mc, [length])
+    check = {'counted': int(sum(counts['Global'].values())), 'analytic': sum(ours.values()), 'by_module': {}}
+    for group, (pattern, terms) in FLOP_GROUPS.items():
+        counted = sum(sum(ops.values()) for module, ops in counts.items() if re.fullmatch(pattern, module))
+        analytic = sum(ours.get(t, 0) for t in terms)
+        if counted or analytic:
+            check['by_module'][group] = {'counted': int(counted), 'analytic': analytic}
+    check['match'] = all(v['counted'] == v['analytic'] for v in check['by_module'].values()) and \
+        check['counted'] == check['analytic']
+    return check
 
 
 def memory_estimate(mc, n_params, batch, training, backend, L=None):
@@ -182,11 +299,13 @@ def memory_estimate(mc, n_params, batch, training, backend, L=None):
     return 4 * (n_params * (4 if training else 1) + per_layer * (mc.n_layer if training else 1))
 
 
-def sdpa_backend(mc, batch):
+def sdpa_backend(mc, batch, dt, mask=None):
     """The kernel F.scaled_dot_product_attention picks for these shapes and this dtype ('MATH' materialises L² scores).
     The choice does not depend on the sequence length, so 8 tokens stand in for L."""
-    q = torch.zeros(batch, 8, mc.n_head, mc.dim_head, device=device, dtype=ptdtype).transpose(1, 2)  # as Attention's
-    return SDPBackend(torch._fused_sdp_choice(q, q, q)).name
+    q = torch.zeros(batch, 8, mc.n_head, mc.dim_head, device=device, dtype=PT_DTYPES[dt]).transpose(1, 2)
+    if mask is not None:
+        mask = torch.ones(batch, 1, 1, 8, dtype=torch.bool, device=device)
+    return SDPBackend(torch._fused_sdp_choice(q, q, q, mask)).name
 
 
 def available_memory():
@@ -252,10 +371,11 @@ GPU_PEAKS = [
 ]
 
 
-def matmul_peak(n, seconds=2.0):
-    """FLOP/s of the fastest (n, n) @ (n, n) matmul in the run's dtype, over `seconds` (at least 5 runs, after one
-    warm-up): on a busy machine the fastest run is the one least disturbed, the nearest to the machine's own peak."""
-    a, b = (torch.randn(n, n, device=device).to(ptdtype) for _ in range(2))
+def matmul_peak(dt, seconds=2.0):
+    """FLOP/s of the fastest (n, n) @ (n, n) matmul in dtype dt, over `seconds` (at least 5 runs, after one warm-up):
+    on a busy machine the fastest run is the one least disturbed, the nearest to the machine's own peak."""
+    n = 2048 if device_type == 'cpu' else 8192
+    a, b = (torch.randn(n, n, device=device).to(PT_DTYPES[dt]) for _ in range(2))
     a @ b
     times = []
     while len(times) < 5 or sum(times) < seconds:
@@ -275,56 +395,116 @@ machine = {
     'python': platform.python_version(), 'platform': platform.platform(), 'load_avg_start': os.getloadavg(),
     'mem_available_gb': round(available_memory() / 2**30, 2),
 }
-# The peak: set, from the datasheet, or measured now and again at the end, keeping the faster (the load may change).
 gpu_row = next((r for r in GPU_PEAKS if re.search(r[0], device_name)), None) if device_type == 'cuda' else None
-peak_samples = []
-if peak_flops > 0:
-    peak, peak_source = peak_flops, 'the peak_flops setting'
-elif gpu_row:
-    peak = gpu_row[1] if ptdtype != torch.float32 else gpu_row[2]
-    peak_source = f'datasheet dense {"bf16/fp16" if ptdtype != torch.float32 else "TF32"} peak for {device_name}'
-else:
-    peak_n = 2048 if device_type == 'cpu' else 8192
-    peak_samples.append(matmul_peak(peak_n))
-    peak = peak_samples[0]
-    peak_source = (f'measured: the fastest {dtype} {peak_n}x{peak_n} matmul, at the start and at the end, '
-                   f'{machine["threads"]} thread(s)' + (f'; {device_name} is not in the table, set --peak_flops'
-                                                        if device_type == 'cuda' else ''))
+peaks = {}   # dtype -> {'flops', 'source', 'samples'}: set, from the datasheet, or measured now and again at the end
+
+
+def peak_of(dt):
+    if dt not in peaks:
+        if peak_flops > 0:
+            peaks[dt] = {'flops': peak_flops, 'source': 'the peak_flops setting', 'samples': []}
+        elif gpu_row:
+            flops = gpu_row[1] if dt != 'float32' else gpu_row[2]
+            peaks[dt] = {'flops': flops, 'samples': [], 'source': f'datasheet dense '
+                         f'{"bf16/fp16" if dt != "float32" else "TF32"} peak for {device_name}'}
+        else:
+            sample = matmul_peak(dt)
+            peaks[dt] = {'flops': sample, 'samples': [sample], 'source': f'measured: the fastest {dt} matmul of '
+                         f'2048x2048 (CPU) or 8192x8192 (GPU), at the start and at the end, {machine["threads"]} thread(s)'
+                         + (f'; {device_name} is not in the table, set --peak_flops' if device_type == 'cuda' else '')}
+    return peaks[dt]['flops']
+
+
+peak_of(dtype)
 mem_limit = mem_limit_gb * 2**30 if mem_limit_gb > 0 else available_memory()
 mem_kind = ('CUDA max allocated, per run' if device_type == 'cuda' else
             'process peak RSS, reset before each run' if reset_peak_memory() else
             'process peak RSS since start (a high-water mark: read it in run order, top to bottom)')
 print(f"{device_name} | {machine['threads']} thread(s) | torch {torch.__version__} | {dtype} | "
-      f"peak {peak / 1e9:.1f} GFLOP/s ({peak_source}) | load {machine['load_avg_start'][0]:.2f}")
+      f"peak {peaks[dtype]['flops'] / 1e9:.1f} GFLOP/s ({peaks[dtype]['source']}) | load {machine['load_avg_start'][0]:.2f}")
+
+
+# -----------------------------------------------------------------------------
+# the cells: CSR (indptr, indices, values) over a panel of genes
+
+def synthetic_cells(n_cells, n_panel, n_expressed, rng):
+    """n_cells cells with n_expressed distinct genes each of an n_panel panel, log-normalized values ~ 0.1 + Exp(1.5)."""
+    ind = np.concatenate([np.sort(rng.choice(n_panel, n_expressed, replace=False)) for _ in range(n_cells)])
+    indptr = np.arange(n_cells + 1, dtype=np.int64) * n_expressed
+    return indptr, ind.astype(np.int32), (rng.exponential(1.5, len(ind)) + 0.1).astype(np.float32)
+
+
+def onto_panel(csr, from_genes, to_genes):
+    """Cells over the genes from_genes, re-indexed onto the panel to_genes; genes it lacks are dropped."""
+    where = {g: i for i, g in enumerate(to_genes)}
+    position = np.array([where.get(g, -1) for g in from_genes], dtype=np.int64)
+    indptr, indices, values = csr
+    rows = []
+    for a, b in zip(indptr[:-1], indptr[1:]):
+        new = position[indices[a:b]]
+        keep = np.flatnonzero(new >= 0)
+        order = keep[np.argsort(new[keep], kind='stable')]       # each cell's genes ascending, as prepare_data.py's
+        rows.append((new[order], values[a:b][order]))
+    return (np.concatenate([[0], np.cumsum([len(r[0]) for r in rows])]).astype(np.int64),
+            np.concatenate([r[0] for r in rows]).astype(np.int32), np.concatenate([r[1] for r in rows]).astype(np.float32))
+
+
+def model_input(mc, cells, batch, max_genes=None):
+    """The first `batch` cells as the model reads them, on the device, and each cell's token count. scBERT: the whole
+    panel binned, (B, n_genes + 1); scBERT 2.0: the expressed genes (evaluation's fixed subsets), a dict of (B, 1 + T)."""
+    indptr, indices, values = cells['csr']
+    indptr = indptr[:batch + 1]
+    indices, values = indices[:indptr[-1]], values[:indptr[-1]]
+    if mc.input_genes == 'expressed':
+        cfg = mc if max_genes is None else replace(mc, max_genes=max_genes)
+        x = expressed_batch(indptr, indices, values, cell_seeds(indptr, indices, seed), cfg, cells['log_base'])
+        return {k: v.to(device) for k, v in x.items()}, 1 + (x['genes'] >= 0).sum(1).numpy()
+    dense = np.zeros((batch, mc.n_genes), dtype=np.float32)
+    dense[np.repeat(np.arange(batch), np.diff(indptr)), indices] = values
+    return scbert_tokens(torch.from_numpy(dense), cells['log_base'], mc.n_bins).to(device), np.full(batch, mc.seq_len)
+
+
+if not scaling and dataset:
+    if not os.path.exists(os.path.join(dataset, 'meta.json')) and os.path.normpath(dataset) == os.path.join('data', 'pbmc68k'):
+        print(f'{dataset} is missing: preparing it from the embedded data/pbmc68k_reduced.h5ad')
+        result = subprocess.run([sys.executable, os.path.join(HERE, 'prepare_data.py'), f'--out_dir={dataset}',
+                                 f'--input={os.path.join(HERE, "data", "pbmc68k_reduced.h5ad")}'])
+        if result.returncode != 0:
+            sys.exit(result.returncode)
+    source = Dataset(dataset)
+    n_sample = max(batch_list + ([train_batch_size] if train else []))
+    sample = np.sort(np.random.default_rng(seed).choice(source.n_cells, min(n_sample, source.n_cells), replace=False))
+    sample = np.resize(sample, n_sample)                     # a small dataset repeats cells for the biggest batch
+    dataset_cells = {'csr': source.rows(sample), 'genes': source.vocab, 'log_base': source.log_base,
+                     'source': f'{n_sample} cells of {dataset}'}
+elif not scaling:
+    n_sample = max(batch_list + ([train_batch_size] if train else []))
+    dataset_cells = {'csr': synthetic_cells(n_sample, n_genes, max(1, int(expressed_frac * n_genes)),
+                                            np.random.default_rng(seed)),
+                     'genes': None, 'n_genes': n_genes, 'log_base': 2.0,
+                     'source': f'{n_sample} synthetic cells, {expressed_frac:.0%} of {n_genes} genes expressed'}
 
 
 # -----------------------------------------------------------------------------
 # the measurements
 
 def timed(fn):
-    """Seconds of each of `repeats` runs of fn, after `warmup` untimed runs."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
+    """Seconds of each of `repeats` runs of fn, after `warmup` untimed runs (the first one's time is kept too)."""
+    times, first = [], None
+    for i in range(warmup + repeats):
         sync()
         t0 = time.perf_counter()
         fn()
         sync()
-        times.append(time.perf_counter() - t0)
-    return times
+        if i == 0:
+            first = time.perf_counter() - t0
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return times, first
 
 
 def spread(values, scale=1.0):
     return {'median': statistics.median(values) * scale, 'min': min(values) * scale, 'max': max(values) * scale}
-
-
-def synthetic_tokens(batch):
-    """(batch, n_genes + 1) bins: ~expressed_frac of the genes get 1..n_bins, the rest 0, and the appended 0 token."""
-    g = torch.Generator().manual_seed(seed * 1000 + batch)
-    expressed = torch.rand(batch, n_genes, generator=g) < expressed_frac
-    bins = torch.randint(1, ModelConfig.n_bins + 1, (batch, n_genes), generator=g)
-    return F.pad(torch.where(expressed, bins, 0), (0, 1)).to(device)
 
 
 def print_profile(label, fn):
@@ -334,175 +514,317 @@ def print_profile(label, fn):
         fn()
         sync()
     sort_by = 'self_device_time_total' if device_type == 'cuda' else 'self_cpu_time_total'
-    print(f'\nprofile: {label}\n' + prof.key_averages().table(sort_by=sort_by, row_limit=15))
+    print(f'\nprofile: {label}\n' + prof.key_averages().table(sort_by=sort_by, row_limit=12))
 
 
-def measure(fn, flops, cells, mem_needed):
-    """One run: its times, throughput, FLOP/s and peak memory (MFU is filled in at the end, once the peak is final)."""
-    gc.collect()
-    reset_peak_memory()
-    times = timed(fn)
-    median = statistics.median(times)
-    return {'time_s': spread(times), 'cells_per_s': cells / median, 'latency_ms_per_cell': spread(times, 1e3 / cells),
-            'flops_per_s': flops * cells / median, 'mfu': None,
-            'peak_mem_mb': peak_memory_mb(), 'mem_estimate_mb': mem_needed / 2**20}
+def build(spec, cells, **fields):
+    """The variant's ModelConfig and model, and the cells it reads (a checkpoint's: mapped onto its genes)."""
+    if spec['ckpt']:
+        try:
+            ckpt = torch.load(spec['ckpt'], map_location='cpu', weights_only=True)
+            mc = ModelConfig(**ckpt['model_args'])
+            model = ScBERT(mc)
+            model.load_state_dict({k.replace('_orig_mod.', '').removeprefix('module.'): v for k, v in ckpt['model'].items()})
+            genes = list(ckpt['vocab'])
+        except Exception as e:
+            raise UserError(f"cannot load checkpoint {spec['ckpt']} ({type(e).__name__}: {str(e)[:160]}); "
+                            f"give a ckpt.pt written by train.py") from None
+        if cells['genes'] is None:
+            raise UserError(f"checkpoint {spec['ckpt']} needs real cells: set --dataset=<a prepared dataset>")
+        if list(cells['genes']) != genes:
+            mapped = onto_panel(cells['csr'], cells['genes'], genes)
+            cells = dict(cells, csr=mapped, genes=genes, source=cells['source'] + f", on the checkpoint's {len(genes)} genes")
+            if len(mapped[1]) == 0:
+                raise UserError(f"none of {dataset}'s genes are in {spec['ckpt']}'s panel; bench it on its own data")
+        return mc, model, cells
+    arch, defining = VARIANTS[spec['base']]
+    panel = len(cells['genes']) if cells['genes'] is not None else cells['n_genes']
+    try:
+        overrides = {k: v for k, v in OVERRIDES.items() if k != 'n_kv_head' or arch.get('n_kv_head')}  # GQA only
+        mc = ModelConfig(**{**arch, **overrides, **defining, 'n_genes': panel, 'n_classes': n_classes, 'seed': seed,
+                            **fields})
+    except AssertionError as e:
+        raise UserError(f"variant {spec['name']} with these settings is not a valid model ({e}); check n_head, "
+                        f"n_kv_head ...") from None
+    torch.manual_seed(seed)
+    return mc, ScBERT(mc), cells
 
 
-# scBERT 2.0's cells: real ones from `dataset`, or synthetic ones, as CSR (indptr, indices, values)
-n_sample = max(batch_list + [train_batch_size])
-if dataset:
-    cells_data = Dataset(dataset)
-    sample = np.sort(np.random.default_rng(seed).choice(cells_data.n_cells, min(n_sample, cells_data.n_cells), replace=False))
-    sample = np.resize(sample, n_sample)                     # a small dataset repeats cells for the biggest batch
-    cells_csr, cells_genes, log_base = cells_data.rows(sample), cells_data.n_genes, cells_data.log_base
-    cells_source = f'{n_sample} cells of {dataset} (median {int(np.median(np.diff(cells_csr[0])))} expressed genes of {cells_genes})'
-else:
-    rng = np.random.default_rng(seed)
-    n_expr = max(1, int(expressed_frac * n_genes))
-    ind = np.concatenate([np.sort(rng.choice(n_genes, n_expr, replace=False)) for _ in range(n_sample)]).astype(np.int32)
-    cells_csr = (np.arange(n_sample + 1, dtype=np.int64) * n_expr, ind, rng.exponential(1.5, len(ind)).astype(np.float32) + 0.1)
-    cells_genes, log_base = n_genes, 2.0
-    cells_source = f'{n_sample} synthetic cells, {n_expr} expressed genes of {n_genes} each'
+def train_step_fn(model, raw_model, x, batch, dt):
+    optim = raw_model.configure_optimizer('adamw', lr=1e-4, weight_decay=0.01)
+    labels = torch.randint(0, raw_model.config.n_classes, (batch,), generator=torch.Generator().manual_seed(seed))
+    labels = labels.to(device)
+
+    def step():
+        with autocast(dt):
+            _, loss = model(x, labels)
+            aux, _ = raw_model.aux_losses()                     # MoE load balancing, as train.py
+        (loss + 0.01 * aux).backward()
+        optim.step()
+        optim.zero_grad(set_to_none=True)
+    return step
 
 
-def expressed_cells(mc, batch):
-    """The first `batch` sampled cells as scBERT 2.0's input (evaluation's fixed gene subsets) and their token counts."""
-    indptr, indices, values = cells_csr
-    indptr = indptr[:batch + 1]
-    x = expressed_batch(indptr, indices[:indptr[-1]], values[:indptr[-1]], cell_seeds(indptr, indices, seed), mc, log_base)
-    return {k: v.to(device) for k, v in x.items()}, 1 + (x['genes'] >= 0).sum(1).numpy()
-
-
-results = []
-for name in variant_names:
-    expressed = VARIANTS[name].get('input_genes') == 'expressed'
-    base = dict(n_genes=n_genes, n_embd=n_embd, n_layer=n_layer, n_head=n_head, dim_head=dim_head, head='scbert')
-    if expressed:                   # its own architecture; the panel is the cells'
-        base = dict(n_genes=cells_genes)
-    mc = ModelConfig(**{**base, 'n_classes': n_classes, 'seed': seed, **VARIANTS[name]})
-    lengths = expressed_cells(mc, n_sample)[1] if expressed else None
+def bench_variant(spec, cells, batches, train_batch, max_genes=None, extras=True):
+    """Every measurement of one variant on `cells`. max_genes overrides the config's cap (the sweep reads all genes);
+    extras: the FLOP-counter check, the padding mask's cost and the profile."""
+    name, dt = spec['name'], spec['dtype']
+    if spec['skip']:
+        print(f'\n{name}: skipped: {spec["skip"]}')
+        return {'variant': name, 'skipped': spec['skip'], 'notes': [spec['skip']]}
+    mc, raw_model, cells = build(spec, cells)
+    raw_model.to(device)
+    model = torch.compile(raw_model) if spec['compile'] else raw_model
+    expressed = mc.input_genes == 'expressed'
+    if cells['csr'][0][-1] == 0 and expressed:
+        raise UserError(f"the cells express none of the model's genes; bench {name} on another dataset")
+    _, lengths = model_input(mc, cells, max(batches + [train_batch]), max_genes)
     flops = forward_flops_per_cell(mc, lengths)
     fwd = sum(flops.values())
-    torch.manual_seed(seed)
-    raw_model = ScBERT(mc).to(device)
-    n_params = raw_model.num_params()
-    model = torch.compile(raw_model) if compile else raw_model
-    row = {'variant': name, 'attention': mc.attention, 'params': n_params, 'params_active': raw_model.num_active_params(),
-           'params_active_no_embeddings': raw_model.num_active_params(embeddings=False),
-           'cells': cells_source if expressed else f'synthetic, {expressed_frac:.0%} of {n_genes} genes expressed',
-           'tokens_per_cell': float(np.mean(lengths)) if expressed else mc.seq_len,
-           'flops_per_cell': {'forward': fwd, 'train': 3 * fwd, 'by_module': flops}, 'model_config': asdict(mc),
-           'sdpa_backend': sdpa_backend(mc, batch_list[0]) if mc.attention == 'sdpa' else None,
-           'inference': [], 'train': None, 'notes': []}
-    print(f"\n{name}: {n_params / 1e6:.2f}M parameters ({row['params_active'] / 1e6:.2f}M active per token), "
-          f"{row['tokens_per_cell']:.0f} tokens and {fwd / 1e9:.3f} GFLOP per cell forward; {row['cells']}; "
-          f"(>= {fwd / peak * 1e3:.1f} ms per cell at peak){', SDPA ' + row['sdpa_backend'] if row['sdpa_backend'] else ''}")
-    jobs = [('inference', b) for b in batch_list] + ([('train', train_batch_size)] if train else [])
+    backend = sdpa_backend(mc, batches[0], dt) if mc.attention == 'sdpa' else None
+    row = {'variant': name, 'attention': mc.attention, 'dtype': dt, 'compiled': spec['compile'],
+           'checkpoint': spec['ckpt'], 'params': raw_model.num_params(), 'params_active': raw_model.num_active_params(),
+           'params_active_no_embeddings': raw_model.num_active_params(embeddings=False), 'cells': cells['source'],
+           'tokens_per_cell': float(np.mean(lengths)), 'flops_per_cell': {'forward': fwd, 'train': 3 * fwd, 'by_module': flops},
+           'model_config': asdict(mc), 'sdpa_backend': backend, 'inference': [], 'train': None, 'notes': []}
+    print(f"\n{name}: {row['params'] / 1e6:.2f}M parameters ({row['params_active'] / 1e6:.2f}M active per token), "
+          f"{row['tokens_per_cell']:.0f} tokens and {fwd / 1e9:.3g} GFLOP per cell forward; {row['cells']}; "
+          f"{dt}{', compiled' if spec['compile'] else ''}{', SDPA ' + backend if backend else ''}")
+    if extras and flop_check:
+        x1, l1 = model_input(mc, cells, 1, max_genes)
+        if memory_estimate(mc, row['params'], 1, False, 'MATH', int(l1[0])) > mem_limit:
+            row['notes'].append('FLOPs not cross-checked: the math kernel would not fit in memory at this length')
+        else:
+            raw_model.eval()
+            check = row['flop_check'] = count_flops(raw_model, mc, x1, int(l1[0]))
+            ratios = ', '.join(f"{k} x{v['counted'] / v['analytic']:.4f}" for k, v in check['by_module'].items()
+                               if v['analytic'])
+            print(f"  FLOPs of one cell: torch.utils.flop_counter {check['counted'] / 1e9:.4g} G, ours "
+                  f"{check['analytic'] / 1e9:.4g} G: {'match' if check['match'] else 'MISMATCH'} ({ratios})")
+    profiled = None
+    jobs = [('inference', b) for b in batches] + ([('train', train_batch)] if train_batch else [])
     for kind, batch in jobs:
-        x, batch_lengths = expressed_cells(mc, batch) if expressed else (synthetic_tokens(batch), [mc.seq_len] * batch)
-        needed = memory_estimate(mc, n_params, batch, kind == 'train', row['sdpa_backend'], max(batch_lengths))
-        run_fwd = sum(forward_flops_per_cell(mc, batch_lengths).values())   # these cells' FLOPs per cell
+        x, batch_lengths = model_input(mc, cells, batch, max_genes)
+        needed = memory_estimate(mc, row['params'], batch, kind == 'train', backend, int(max(batch_lengths)))
+        run_flops = sum(forward_flops_per_cell(mc, batch_lengths).values()) * (3 if kind == 'train' else 1)
+        result = {'batch_size': batch, 'flops_per_cell': run_flops}
         if needed > mem_limit:
             note = (f"{kind} at batch {batch} skipped: needs ~{needed / 2**30:.1f} GB"
-                    f"{' (L² scores: SDPA uses its math kernel)' if row['sdpa_backend'] == 'MATH' else ''}, "
+                    f"{' (L² scores: SDPA uses its math kernel)' if backend == 'MATH' else ''}, "
                     f"{mem_limit / 2**30:.3g} GB available")
             row['notes'].append(note)
             print(f'  {note}')
-            result = {'batch_size': batch, 'skipped': note}
+            result['skipped'] = note
         else:
-            tokens = x
             if kind == 'inference':
                 raw_model.eval()
 
                 @torch.no_grad()
                 def step():
-                    with autocast:
-                        model(tokens)
+                    with autocast(dt):
+                        model(x)
             else:
                 raw_model.train()
-                optim = raw_model.configure_optimizer('adamw', lr=1e-4, weight_decay=0.01)
-                labels = torch.randint(0, n_classes, (batch,), generator=torch.Generator().manual_seed(seed)).to(device)
-
-                def step():
-                    with autocast:
-                        _, loss = model(tokens, labels)
-                        aux, _ = raw_model.aux_losses()                     # MoE load balancing, as train.py
-                    (loss + 0.01 * aux).backward()
-                    optim.step()
-                    optim.zero_grad(set_to_none=True)
-            run_flops = run_fwd * (3 if kind == 'train' else 1)
-            result = {'batch_size': batch, 'flops_per_cell': run_flops, **measure(step, run_flops, batch, needed)}
+                step = train_step_fn(model, raw_model, x, batch, dt)
+            gc.collect()
+            reset_peak_memory()
+            times, first = timed(step)
+            median = statistics.median(times)
+            result.update({'time_s': spread(times), 'first_run_s': first, 'cells_per_s': batch / median,
+                           'latency_ms_per_cell': spread(times, 1e3 / batch), 'flops_per_s': run_flops * batch / median,
+                           'mfu': None, 'peak_mem_mb': peak_memory_mb(), 'mem_estimate_mb': needed / 2**20})
             print(f"  {kind} batch {batch}: {result['cells_per_s']:.3g} cells/s, "
-                  f"{result['latency_ms_per_cell']['median']:.1f} ms per cell, {result['flops_per_s'] / 1e9:.3g} GFLOP/s")
-            if profile and name == variant_names[0] and (kind == 'train' or batch == batch_list[0]):
-                print_profile(f'{name} {kind}, batch {batch}', step)
-        if kind == 'train':
-            row['train'] = result
-        else:
+                  f"{result['latency_ms_per_cell']['median']:.3g} ms per cell, {result['flops_per_s'] / 1e9:.3g} GFLOP/s"
+                  + (f" (first run {first:.1f} s, with compilation)" if spec['compile'] else ''))
+            if kind == 'inference':
+                profiled = (f'{name} inference, batch {batch}', step)    # the biggest inference batch that ran
+        if kind == 'inference':
             row['inference'].append(result)
-    if expressed and mask_cost and not any('skipped' in r for r in row['inference']):
+        else:
+            row['train'] = result
+    if extras and profile and profiled:
+        print_profile(*profiled)
+    if extras and expressed and mask_cost and not any('skipped' in r for r in row['inference']):
         # The same (B, 1 + T) shape twice: the real batch, whose padding needs a mask, and the batch with its padding
         # turned into real tokens (gene 0, value 0), which needs none. The difference is what the mask costs.
-        x, _ = expressed_cells(mc, batch_list[-1])
+        x, _ = model_input(mc, cells, batches[-1], max_genes)
         x = {k: F.pad(v, (0, 1), value=-1 if k == 'genes' else 0) for k, v in x.items()}   # at least one padding column
         padded, full = x, dict(x, genes=x['genes'].clamp(min=0))
-        L = 1 + x['genes'].shape[1]
-        q = torch.zeros(len(x['genes']), mc.n_head, L, mc.dim_head, device=device, dtype=ptdtype)
-        mask = torch.ones(len(q), 1, 1, L, dtype=torch.bool, device=device)
         raw_model.eval()
-        cost = {'batch_size': batch_list[-1], 'tokens': L, 'padding_share': float((x['genes'] < 0).float().mean())}
-        for label, inputs, kernel_mask in (('masked', padded, mask), ('unmasked', full, None)):
+        cost = {'batch_size': batches[-1], 'tokens': 1 + x['genes'].shape[1],
+                'padding_share': float((x['genes'] < 0).float().mean())}
+        for label, inputs, has_mask in (('masked', padded, True), ('unmasked', full, None)):
             @torch.no_grad()
             def step():
-                with autocast:
+                with autocast(dt):
                     model(inputs)
-            cost[f'{label}_s'] = statistics.median(timed(step))
-            cost[f'{label}_kernel'] = SDPBackend(torch._fused_sdp_choice(q, q, q, kernel_mask)).name
+            cost[f'{label}_s'] = statistics.median(timed(step)[0])
+            cost[f'{label}_kernel'] = sdpa_backend(mc, batches[-1], dt, has_mask)
         cost['ratio'] = cost['masked_s'] / cost['unmasked_s']
         row['mask_cost'] = cost
         print(f"  padding mask: {cost['masked_s'] * 1e3:.1f} ms with it ({cost['masked_kernel']}) vs "
               f"{cost['unmasked_s'] * 1e3:.1f} ms without ({cost['unmasked_kernel']}) at batch {cost['batch_size']} x "
-              f"{L} tokens ({cost['padding_share']:.0%} padding): x{cost['ratio']:.2f}")
-    results.append(row)
-    model = raw_model = step = optim = tokens = None   # free the weights, the AdamW state and the cells
-    gc.collect()
-    if device_type == 'cuda':
-        torch.cuda.empty_cache()
+              f"{cost['tokens']} tokens ({cost['padding_share']:.0%} padding): x{cost['ratio']:.2f}")
+    peak_of(dt)                         # a bf16 variant on CPU measures the bf16 matmul peak
+    return row
+
+
+def runs_of(row):
+    return [('inference', r) for r in row.get('inference', [])] + ([('train', row['train'])] if row.get('train') else [])
+
 
 # -----------------------------------------------------------------------------
-# MFU, the table, and the JSON
+# the variants, side by side
 
-if peak_samples:
-    peak_samples.append(matmul_peak(peak_n))
-    peak = max(peak_samples)
-for row in results:
-    for r in row['inference'] + [row['train'] or {}]:
+results, sweep = [], []
+if not scaling:
+    for spec in specs:
+        results.append(bench_variant(spec, dataset_cells, batch_list, train_batch_size if train else 0))
+        gc.collect()
+        if device_type == 'cuda':
+            torch.cuda.empty_cache()
+else:
+    # the sweep: synthetic cells, more genes per cell at each point
+    rng = np.random.default_rng(seed)
+    for spec in specs:
+        if spec['skip'] or spec['ckpt']:
+            print(f"\n{spec['name']}: not swept ({spec['skip'] or 'a checkpoint has a fixed panel'})")
+            continue
+        panel_model = VARIANTS[spec['base']][0].get('input_genes', 'all') == 'all'
+        for size in (sweep_panels if panel_model else sweep_genes):
+            # scBERT: a panel of `size` genes, expressed_frac expressed; scBERT 2.0: `size` of n_genes expressed
+            panel, n_expr = (size, max(1, int(expressed_frac * size))) if panel_model else (max(n_genes, size), size)
+            cells = {'csr': synthetic_cells(scaling_batch, panel, n_expr, rng), 'genes': None, 'n_genes': panel,
+                     'log_base': 2.0, 'source': f'synthetic, {n_expr} of {panel} genes expressed'}
+            row = bench_variant(spec, cells, [scaling_batch], 0, max_genes=0, extras=False)
+            row.update(sweep_size=size, sweep_axis='panel genes' if panel_model else 'expressed genes')
+            sweep.append(row)
+            gc.collect()
+
+# -----------------------------------------------------------------------------
+# MFU, the tables, the plots and the JSON
+
+for dt, p in peaks.items():          # the peak again at the end; the faster of the two counts
+    if p['samples']:
+        p['samples'].append(matmul_peak(dt))
+        p['flops'] = max(p['samples'])
+for row in results + sweep:
+    for _, r in runs_of(row):
         if 'flops_per_s' in r:
-            r['mfu'] = r['flops_per_s'] / peak
-
+            r['mfu'] = r['flops_per_s'] / peaks[row['dtype']]['flops']
 machine['load_avg_end'] = os.getloadavg()
-print('\n| variant | run | batch | cells/s | ms per cell (min-max) | GFLOP per cell | GFLOP/s | MFU | peak MB |')
-print('|---|---|---:|---:|---:|---:|---:|---:|---:|')
-for row in results:
-    runs = [('inference', r) for r in row['inference']] + ([('train', row['train'])] if row['train'] else [])
-    for kind, r in runs:
-        gflop = r.get('flops_per_cell', row['flops_per_cell']['train' if kind == 'train' else 'forward']) / 1e9
+
+
+def fmt(v, digits=3):
+    return f'{v:.{digits}g}' if v is not None else ''
+
+
+if results:
+    base = next((r for r in results if r.get('inference') and 'cells_per_s' in r['inference'][-1]), None)
+    print(f"\n| variant | params (active) | tokens per cell | GFLOP per cell | cells/s, inference b{batch_list[0]} | "
+          f"cells/s, inference b{batch_list[-1]} | cells/s, training b{train_batch_size} | inference MFU | "
+          f"vs {base['variant'] if base else 'the first'} (inference b{batch_list[-1]}) | peak MB |")
+    print('|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|')
+    for row in results:
+        if 'skipped' in row:
+            print(f"| {row['variant']} | skipped: {row['skipped']} | | | | | | | | |")
+            continue
+        inf = {r['batch_size']: r for r in row['inference']}
+        first, last, tr = inf[batch_list[0]], inf[batch_list[-1]], row['train'] or {}
+        speedup = (last['cells_per_s'] / base['inference'][-1]['cells_per_s']
+                   if base and 'cells_per_s' in last else None)
+        mfu = max((r['mfu'] for r in row['inference'] if r.get('mfu')), default=None)
+        print(f"| {row['variant']} | {row['params'] / 1e6:.2f}M ({row['params_active'] / 1e6:.2f}M) | "
+              f"{row['tokens_per_cell']:.0f} | {row['flops_per_cell']['forward'] / 1e9:.3g} | "
+              f"{fmt(first.get('cells_per_s'))} | {fmt(last.get('cells_per_s'))} | {fmt(tr.get('cells_per_s'))} | "
+              f"{f'{mfu:.0%}' if mfu else ''} | {f'{speedup:.2f}x' if speedup else ''} | "
+              f"{max((r.get('peak_mem_mb', 0) for _, r in runs_of(row)), default=0):.0f} |")
+    print('\n| variant | run | batch | cells/s | ms per cell (min-max) | GFLOP per cell | GFLOP/s | MFU | peak MB |')
+    print('|---|---|---:|---:|---:|---:|---:|---:|---:|')
+    for row in results:
+        for kind, r in runs_of(row):
+            gflop = r['flops_per_cell'] / 1e9
+            if 'skipped' in r:
+                print(f"| {row['variant']} | {kind} | {r['batch_size']} | skipped: too big for memory | | {gflop:.3g} | | | |")
+                continue
+            lat = r['latency_ms_per_cell']
+            print(f"| {row['variant']} | {kind} | {r['batch_size']} | {r['cells_per_s']:.3g} | {lat['median']:.3g} "
+                  f"({lat['min']:.3g}-{lat['max']:.3g}) | {gflop:.3g} | {r['flops_per_s'] / 1e9:.3g} | {r['mfu']:.1%} | "
+                  f"{r['peak_mem_mb']:.0f} |")
+if sweep:
+    print('\n| variant | axis | size | tokens per cell | GFLOP per cell | ms per cell (min-max) | GFLOP/s | MFU |')
+    print('|---|---|---:|---:|---:|---:|---:|---:|')
+    for row in sweep:
+        r = row['inference'][0]
         if 'skipped' in r:
-            print(f"| {row['variant']} | {kind} | {r['batch_size']} | skipped: too big for memory | | {gflop:.3g} | | | |")
+            print(f"| {row['variant']} | {row['sweep_axis']} | {row['sweep_size']} | {row['tokens_per_cell']:.0f} | "
+                  f"{r['flops_per_cell'] / 1e9:.3g} | skipped: too big for memory | | |")
             continue
         lat = r['latency_ms_per_cell']
-        print(f"| {row['variant']} | {kind} | {r['batch_size']} | {r['cells_per_s']:.3g} | {lat['median']:.3g} "
-              f"({lat['min']:.3g}-{lat['max']:.3g}) | {gflop:.3g} | {r['flops_per_s'] / 1e9:.3g} | {r['mfu']:.1%} | "
-              f"{r['peak_mem_mb']:.0f} |")
-print(f"\npeak {peak / 1e9:.1f} GFLOP/s: {peak_source}. Memory: {mem_kind}. "
-      f"Load average {machine['load_avg_start'][0]:.2f} at start, {machine['load_avg_end'][0]:.2f} at end.")
-for row in results:
+        print(f"| {row['variant']} | {row['sweep_axis']} | {row['sweep_size']} | {row['tokens_per_cell']:.0f} | "
+              f"{r['flops_per_cell'] / 1e9:.3g} | {lat['median']:.4g} ({lat['min']:.4g}-{lat['max']:.4g}) | "
+              f"{r['flops_per_s'] / 1e9:.3g} | {r['mfu']:.1%} |")
+print('\npeak: ' + '; '.join(f"{dt} {p['flops'] / 1e9:.1f} GFLOP/s ({p['source']})" for dt, p in peaks.items())
+      + f". Memory: {mem_kind}. Load average {machine['load_avg_start'][0]:.2f} at start, "
+      f"{machine['load_avg_end'][0]:.2f} at end.")
+for row in results + sweep:
     for note in row['notes']:
         print(f"note: {row['variant']}: {note}")
+    if row.get('flop_check') and not row['flop_check']['match']:
+        print(f"note: {row['variant']}: the analytic FLOPs differ from torch.utils.flop_counter's: {row['flop_check']}")
 
+
+def save_figure(fig, path):
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, format='png', dpi=110, bbox_inches='tight')
+    print(f'wrote {path}')
+
+
+if (plot and results) or (scaling_plot and sweep):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    title = f"{device_name}, {machine['threads']} thread(s)"
+if plot and results:
+    biggest = {r['variant']: [i for i in r['inference'] if 'cells_per_s' in i][-1] for r in results
+               if any('cells_per_s' in i for i in r.get('inference', []))}     # each one's biggest batch that ran
+    measured = [r for r in results if r['variant'] in biggest]
+    if measured:
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 0.5 * len(measured) + 2.5))
+        names, ys = [r['variant'] for r in measured], np.arange(len(measured))
+        series = [('inference, biggest batch', [biggest[r['variant']]['cells_per_s'] for r in measured]),
+                  (f'training b{train_batch_size}', [(r['train'] or {}).get('cells_per_s', 0) for r in measured])]
+        for i, (label, values) in enumerate(series):
+            ax1.barh(ys + 0.4 * i - 0.2, values, height=0.4, label=label)
+        ax1.set_xscale('log')
+        ax1.set_xlabel('cells per second (log)')
+        ax1.legend()
+        mfus = [biggest[r['variant']]['mfu'] * 100 for r in measured]
+        ax2.barh(ys, mfus, color='tab:green')
+        ax2.set_xlabel('inference MFU, % of the measured peak')
+        for ax in (ax1, ax2):
+            ax.set_yticks(ys, names)
+            ax.invert_yaxis()
+        fig.suptitle(f"{title}; {dataset_cells['source']}")
+        save_figure(fig, plot)
+        plt.close(fig)
+if scaling_plot and sweep:
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for name in dict.fromkeys(r['variant'] for r in sweep):
+        pts = [(r['tokens_per_cell'], r['inference'][0]) for r in sweep if r['variant'] == name
+               and 'cells_per_s' in r['inference'][0]]
+        if pts:
+            ax1.plot([t for t, _ in pts], [r['latency_ms_per_cell']['median'] for _, r in pts], 'o-', label=name)
+            ax2.plot([t for t, _ in pts], [r['mfu'] * 100 for _, r in pts], 'o-', label=name)
+    ax1.set(xscale='log', yscale='log', xlabel='tokens per cell', ylabel=f'ms per cell (inference, batch {scaling_batch})')
+    ax2.set(xscale='log', xlabel='tokens per cell', ylabel='MFU, % of the measured peak')
+    ax1.legend()
+    fig.suptitle(f'{title}: cost against the work per cell (scBERT: panel size; scBERT 2.0: expressed genes)')
+    save_figure(fig, scaling_plot)
+    plt.close(fig)
 if out:
-    report = {'settings': config, 'machine': machine, 'peak_flops': peak, 'peak_flops_source': peak_source,
-              'peak_flops_samples': peak_samples, 'memory_kind': mem_kind, 'variants': results}
+    report = {'settings': config, 'machine': machine, 'peaks': peaks, 'memory_kind': mem_kind, 'variants': results,
+              'scaling': sweep}
     with atomic_write(out) as tmp:
         with open(tmp, 'w') as f:
             json.dump(report, f, indent=1)
