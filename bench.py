@@ -9,7 +9,7 @@ MFU against this machine's own limit. What each design choice buys, measured.
     python bench.py --dataset= --n_genes=16906 --variants=scbert       # synthetic cells, the original's full panel
     python bench.py --scaling=True                        # synthetic sweep of the work per cell -> bench_scaling.png
 
-Variants (--variants, comma-separated); each changes one thing from the one before it:
+Variants (--variants, comma-separated); from scbert2_dense to scbert2_moe each adds one thing:
     scbert          the original scBERT: Performer (FAVOR+) over the full gene panel, width 200, 6 layers, 10 heads of 64
     scbert_exact    the same with exact softmax attention, F.scaled_dot_product_attention (flash kernels where possible)
     scbert2_dense   scBERT 2.0 at the flagship's size (config/scbert2.py): expressed genes only, SDPA, RMSNorm, a
@@ -53,7 +53,7 @@ falls back to its math kernel: 10 heads x 16,907² floats = 11 GB per cell) is s
 Output: a markdown table on stdout, `out` (JSON: settings, machine, every run) and `plot` (cells/s and MFU per variant).
 --scaling=True instead sweeps synthetic cells: scBERT's panel size (scaling_panels) and scBERT 2.0's expressed genes
 per cell (scaling_genes, all of them read), inference at scaling_batch, and plots time and MFU against the tokens per
-cell (scaling_plot).
+cell (scaling_plot); dataset, batch_sizes, train, flop_check, mask_cost and profile do not apply to it.
 """
 import ctypes
 import gc
@@ -77,7 +77,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from data import Dataset, UserError, atomic_write, cell_seeds, expressed_batch, scbert_tokens
+from data import Dataset, UserError, atomic_write, cell_seeds, expressed_batch, mask_tokens, scbert_tokens
 from model import ModelConfig, ScBERT
 
 # -----------------------------------------------------------------------------
@@ -101,7 +101,7 @@ device = 'auto'                # 'auto' | 'cpu' | 'cuda' | 'cuda:1' ...
 dtype = 'auto'                 # 'auto' (bfloat16 autocast on CUDA, float32 on CPU) | 'float32' | 'bfloat16' | 'float16'
 compile = False                # torch.compile every variant (or add +compile to one)
 num_threads = 0                # CPU threads (0 = PyTorch's default, one per core); the number used is recorded
-peak_flops = 0.0               # the machine's peak FLOP/s for MFU (0 = measure a matmul on CPU, a table of GPUs on CUDA)
+peak_flops = 0.0               # the peak FLOP/s for MFU, for every dtype (0 = measure a matmul on CPU, a GPU table on CUDA)
 mem_limit_gb = 0.0             # skip runs estimated to need more memory than this (0 = the memory available at start)
 flop_check = True              # cross-check the analytic FLOPs with torch.utils.flop_counter on one cell per variant
 profile = False                # print torch.profiler's top ops of each variant's biggest inference batch
@@ -153,9 +153,9 @@ def parse_variant(name):
     """'scbert2_gqa+compile+bf16' -> dict(base, dtype, compile, ckpt, skip): what to build, or why not."""
     base, *mods = name.split('+')
     spec = dict(name=name, base=base, dtype=dtype, compile=compile, ckpt=None, skip=None)
-    if base.endswith('.pt') or os.path.sep in base:
+    if base.endswith(('.pt', '.pth')) or os.path.sep in base:
         if not os.path.isfile(base):
-            raise UserError(f"checkpoint {base} not found (a variant ending in .pt is a checkpoint path)")
+            raise UserError(f"checkpoint {base} not found (a variant ending in .pt or .pth is a checkpoint path)")
         spec['ckpt'] = base
     elif base in NOT_BUILT:
         spec['skip'] = NOT_BUILT[base]
@@ -182,21 +182,33 @@ def int_list(text, setting):
         values = []
     if not values or min(values) < 1:
         raise UserError(f"{setting} must be positive integers separated by commas, like '1,8' (got '{text}')")
-    return values
+    return sorted(set(values))
 
 
-specs = [parse_variant(v.strip()) for v in variants.split(',') if v.strip()]
-if not specs:
-    raise UserError("variants is empty; set --variants=scbert,scbert2_gqa,... (see --help)")
+names = [v.strip() for v in variants.split(',') if v.strip()]
+if not names or len(set(names)) < len(names):
+    raise UserError(f"variants must name each variant once, like --variants=scbert,scbert2_gqa (got '{variants}')")
+specs = [parse_variant(name) for name in names]
 batch_list = int_list(batch_sizes, 'batch_sizes')
 sweep_genes, sweep_panels = int_list(scaling_genes, 'scaling_genes'), int_list(scaling_panels, 'scaling_panels')
 if train_batch_size < 1 or repeats < 1 or warmup < 0 or scaling_batch < 1 or not 0 < expressed_frac <= 1:
     raise UserError("train_batch_size, scaling_batch and repeats must be >= 1, warmup >= 0, 0 < expressed_frac <= 1")
+if min(n_embd, n_layer, n_head, n_kv_head, dim_head, num_threads) < 0 or n_classes < 1 or n_genes < 1:
+    raise UserError("n_embd, n_layer, n_head, n_kv_head, dim_head and num_threads must be >= 0 (0 = the default), "
+                    "n_classes and n_genes >= 1")
+for path in (out, plot, scaling_plot):   # fail now, not after the whole benchmark has run
+    folder = os.path.dirname(os.path.abspath(path)) if path else ''
+    if path and (os.path.isdir(path) or not os.path.isdir(folder)):
+        raise UserError(f"cannot write {path}: {'it is a directory' if os.path.isdir(path) else 'its folder does not exist'}"
+                        f"; give a file path in an existing folder, or '' for none")
 
-device = ('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device
+if device == 'auto':
+    device = 'cuda' if torch.cuda.is_available() else 'cpu'
+if not re.fullmatch(r'cpu|cuda(:\d+)?', device):
+    raise UserError(f"device must be auto, cpu, cuda or cuda:N, not '{device}'")
 device_type = 'cuda' if 'cuda' in device else 'cpu'
-if device_type == 'cuda' and not torch.cuda.is_available():
-    raise UserError(f'device {device} asked for, but CUDA is not available (use --device=cpu)')
+if device_type == 'cuda' and (torch.device(device).index or 0) >= torch.cuda.device_count():   # 0 without CUDA
+    raise UserError(f'device {device} asked for, but CUDA has {torch.cuda.device_count()} device(s) here (use --device=cpu)')
 if num_threads:
     torch.set_num_threads(num_threads)
 if dtype == 'auto':
@@ -250,7 +262,10 @@ def forward_flops_per_cell(mc, lengths=None):
     if mc.input_genes == 'expressed' and mc.value_emb == 'continuous':     # auto-discretization of each gene's value
         B = mc.n_bins
         flops['value_emb'] = (L - 1) * 2 * (B + B * B + B * E)
-    if mc.head == 'scbert':   # gene_proj (E -> 1 per token), fc1 (the whole panel, seq_len -> 512), fc2, fc3
+    if mc.n_classes == 0:     # a pretrained model: the MLM head over the genes (and the value head for scBERT 2.0)
+        genes = L - 1 if mc.input_genes == 'expressed' else L
+        flops['head'] = 2 * genes * E * (mc.n_bins + 2 + (mc.input_genes == 'expressed'))
+    elif mc.head == 'scbert':   # gene_proj (E -> 1 per token), fc1 (the whole panel, seq_len -> 512), fc2, fc3
         flops['head'] = 2 * (L * E + mc.seq_len * 512 + 512 * mc.head_hidden + mc.head_hidden * mc.n_classes)
     else:
         flops['head'] = 2 * (E * mc.head_hidden + mc.head_hidden * mc.n_classes)
@@ -262,7 +277,7 @@ FLOP_GROUPS = {
     'attention': (r'ScBERT\.blocks\.\d+\.attn', ('attn_proj', 'favor_features', 'favor_attention', 'attention_scores')),
     'mlp': (r'ScBERT\.blocks\.\d+\.mlp', ('mlp', 'moe')),
     'value_emb': (r'ScBERT\.value_emb', ('value_emb',)),
-    'head': (r'ScBERT\.cls_head', ('head',)),
+    'head': (r'ScBERT\.(cls_head|lm_head|value_head)', ('head',)),
 }
 
 
@@ -305,7 +320,10 @@ def sdpa_backend(mc, batch, dt, mask=None):
     q = torch.zeros(batch, 8, mc.n_head, mc.dim_head, device=device, dtype=PT_DTYPES[dt]).transpose(1, 2)
     if mask is not None:
         mask = torch.ones(batch, 1, 1, 8, dtype=torch.bool, device=device)
-    return SDPBackend(torch._fused_sdp_choice(q, q, q, mask)).name
+    try:                                         # a private function of torch's, so guard it
+        return SDPBackend(torch._fused_sdp_choice(q, q, q, mask)).name
+    except (AttributeError, RuntimeError, ValueError):
+        return 'unknown'
 
 
 def available_memory():
@@ -449,19 +467,29 @@ def onto_panel(csr, from_genes, to_genes):
             np.concatenate([r[0] for r in rows]).astype(np.int32), np.concatenate([r[1] for r in rows]).astype(np.float32))
 
 
-def model_input(mc, cells, batch, max_genes=None):
+def model_input(mc, cells, batch, max_genes=None, masked=False):
     """The first `batch` cells as the model reads them, on the device, and each cell's token count. scBERT: the whole
-    panel binned, (B, n_genes + 1); scBERT 2.0: the expressed genes (evaluation's fixed subsets), a dict of (B, 1 + T)."""
+    panel binned, (B, n_genes + 1); scBERT 2.0: the expressed genes (evaluation's fixed subsets), a dict of (B, 1 + T).
+    masked=True: masked as for pretraining (15%), and the MLM targets as a third value."""
     indptr, indices, values = cells['csr']
     indptr = indptr[:batch + 1]
     indices, values = indices[:indptr[-1]], values[:indptr[-1]]
     if mc.input_genes == 'expressed':
         cfg = mc if max_genes is None else replace(mc, max_genes=max_genes)
-        x = expressed_batch(indptr, indices, values, cell_seeds(indptr, indices, seed), cfg, cells['log_base'])
-        return {k: v.to(device) for k, v in x.items()}, 1 + (x['genes'] >= 0).sum(1).numpy()
+        x = expressed_batch(indptr, indices, values, cell_seeds(indptr, indices, seed), cfg, cells['log_base'],
+                            mask_prob=0.15 if masked else 0.0)
+        x = {k: v.to(device) for k, v in x.items()}
+        lengths = 1 + (x['genes'] >= 0).sum(1).cpu().numpy()
+        if masked:
+            return x, lengths, {'bins': x.pop('target_bins'), 'values': x.pop('target_values')}
+        return x, lengths
     dense = np.zeros((batch, mc.n_genes), dtype=np.float32)
     dense[np.repeat(np.arange(batch), np.diff(indptr)), indices] = values
-    return scbert_tokens(torch.from_numpy(dense), cells['log_base'], mc.n_bins).to(device), np.full(batch, mc.seq_len)
+    tokens = scbert_tokens(torch.from_numpy(dense), cells['log_base'], mc.n_bins)
+    if masked:
+        tokens, targets = mask_tokens(tokens, mask_id=mc.mask_id, generator=torch.Generator().manual_seed(seed))
+        return tokens.to(device), np.full(batch, mc.seq_len), targets.to(device)
+    return tokens.to(device), np.full(batch, mc.seq_len)
 
 
 if not scaling and dataset:
@@ -471,12 +499,14 @@ if not scaling and dataset:
                                  f'--input={os.path.join(HERE, "data", "pbmc68k_reduced.h5ad")}'])
         if result.returncode != 0:
             sys.exit(result.returncode)
-    source = Dataset(dataset)
+    source = Dataset(dataset, preload=False)   # read only the sampled cells
     n_sample = max(batch_list + ([train_batch_size] if train else []))
     sample = np.sort(np.random.default_rng(seed).choice(source.n_cells, min(n_sample, source.n_cells), replace=False))
     sample = np.resize(sample, n_sample)                     # a small dataset repeats cells for the biggest batch
+    n_distinct = min(n_sample, source.n_cells)
     dataset_cells = {'csr': source.rows(sample), 'genes': source.vocab, 'log_base': source.log_base,
-                     'source': f'{n_sample} cells of {dataset}'}
+                     'source': f'{n_sample} cells of {dataset}' if n_distinct == n_sample else
+                     f'{n_distinct} cells of {dataset}, repeated to {n_sample}'}
 elif not scaling:
     n_sample = max(batch_list + ([train_batch_size] if train else []))
     dataset_cells = {'csr': synthetic_cells(n_sample, n_genes, max(1, int(expressed_frac * n_genes)),
@@ -517,47 +547,54 @@ def print_profile(label, fn):
     print(f'\nprofile: {label}\n' + prof.key_averages().table(sort_by=sort_by, row_limit=12))
 
 
-def build(spec, cells, **fields):
-    """The variant's ModelConfig and model, and the cells it reads (a checkpoint's: mapped onto its genes)."""
+def build(spec, cells):
+    """The variant's model and the cells it reads (a checkpoint's: mapped onto its genes), and notes about them."""
     if spec['ckpt']:
         try:
             ckpt = torch.load(spec['ckpt'], map_location='cpu', weights_only=True)
-            mc = ModelConfig(**ckpt['model_args'])
-            model = ScBERT(mc)
-            model.load_state_dict({k.replace('_orig_mod.', '').removeprefix('module.'): v for k, v in ckpt['model'].items()})
-            genes = list(ckpt['vocab'])
+            if isinstance(ckpt, dict) and 'model_args' in ckpt:        # ours
+                model = ScBERT(ModelConfig(**ckpt['model_args']))
+                model.load_state_dict({k.replace('_orig_mod.', '').removeprefix('module.'): v
+                                       for k, v in ckpt['model'].items()})
+                genes = list(ckpt['vocab'])
+            else:                                                        # the original release's: no gene names
+                model, genes = ScBERT.from_scbert(ckpt), None
         except Exception as e:
-            raise UserError(f"cannot load checkpoint {spec['ckpt']} ({type(e).__name__}: {str(e)[:160]}); "
-                            f"give a ckpt.pt written by train.py") from None
-        if cells['genes'] is None:
-            raise UserError(f"checkpoint {spec['ckpt']} needs real cells: set --dataset=<a prepared dataset>")
-        if list(cells['genes']) != genes:
+            raise UserError(f"cannot load checkpoint {spec['ckpt']} ({type(e).__name__}: {str(e)[:160]}); give a "
+                            f"ckpt.pt of train.py or an original scBERT .pth") from None
+        mc, notes = model.config, ['the checkpoint brings its own architecture'] if OVERRIDES else []
+        if genes is None or cells['genes'] is None:                   # no names to match: synthetic cells on its panel
+            n_cells, n_expr = len(cells['csr'][0]) - 1, max(1, int(expressed_frac * mc.n_genes))
+            cells = {'csr': synthetic_cells(n_cells, mc.n_genes, n_expr, np.random.default_rng(seed)), 'genes': None,
+                     'log_base': 2.0, 'source': f'{n_cells} synthetic cells, {n_expr} of its {mc.n_genes} genes expressed'}
+            notes.append('synthetic cells: ' + ('an original checkpoint has no gene names' if genes is None else
+                                                'dataset is empty, so there are no real cells to map onto its genes'))
+        elif list(cells['genes']) != genes:
             mapped = onto_panel(cells['csr'], cells['genes'], genes)
             cells = dict(cells, csr=mapped, genes=genes, source=cells['source'] + f", on the checkpoint's {len(genes)} genes")
             if len(mapped[1]) == 0:
-                raise UserError(f"none of {dataset}'s genes are in {spec['ckpt']}'s panel; bench it on its own data")
-        return mc, model, cells
+                raise UserError(f"the sampled cells of {dataset} express none of {spec['ckpt']}'s genes; bench it on "
+                                f"the data it was trained for")
+        return model, cells, notes
     arch, defining = VARIANTS[spec['base']]
     panel = len(cells['genes']) if cells['genes'] is not None else cells['n_genes']
     try:
         overrides = {k: v for k, v in OVERRIDES.items() if k != 'n_kv_head' or arch.get('n_kv_head')}  # GQA only
-        mc = ModelConfig(**{**arch, **overrides, **defining, 'n_genes': panel, 'n_classes': n_classes, 'seed': seed,
-                            **fields})
+        mc = ModelConfig(**{**arch, **overrides, **defining, 'n_genes': panel, 'n_classes': n_classes, 'seed': seed})
     except AssertionError as e:
         raise UserError(f"variant {spec['name']} with these settings is not a valid model ({e}); check n_head, "
                         f"n_kv_head ...") from None
     torch.manual_seed(seed)
-    return mc, ScBERT(mc), cells
+    return ScBERT(mc), cells, []
 
 
-def train_step_fn(model, raw_model, x, batch, dt):
+def train_step_fn(model, raw_model, x, targets, dt):
+    """One training step: classification (random labels), or masked modelling for a model without a classifier."""
     optim = raw_model.configure_optimizer('adamw', lr=1e-4, weight_decay=0.01)
-    labels = torch.randint(0, raw_model.config.n_classes, (batch,), generator=torch.Generator().manual_seed(seed))
-    labels = labels.to(device)
 
     def step():
         with autocast(dt):
-            _, loss = model(x, labels)
+            _, loss = model(x, targets)
             aux, _ = raw_model.aux_losses()                     # MoE load balancing, as train.py
         (loss + 0.01 * aux).backward()
         optim.step()
@@ -572,7 +609,8 @@ def bench_variant(spec, cells, batches, train_batch, max_genes=None, extras=True
     if spec['skip']:
         print(f'\n{name}: skipped: {spec["skip"]}')
         return {'variant': name, 'skipped': spec['skip'], 'notes': [spec['skip']]}
-    mc, raw_model, cells = build(spec, cells)
+    raw_model, cells, notes = build(spec, cells)
+    mc = raw_model.config
     raw_model.to(device)
     model = torch.compile(raw_model) if spec['compile'] else raw_model
     expressed = mc.input_genes == 'expressed'
@@ -586,17 +624,19 @@ def bench_variant(spec, cells, batches, train_batch, max_genes=None, extras=True
            'checkpoint': spec['ckpt'], 'params': raw_model.num_params(), 'params_active': raw_model.num_active_params(),
            'params_active_no_embeddings': raw_model.num_active_params(embeddings=False), 'cells': cells['source'],
            'tokens_per_cell': float(np.mean(lengths)), 'flops_per_cell': {'forward': fwd, 'train': 3 * fwd, 'by_module': flops},
-           'model_config': asdict(mc), 'sdpa_backend': backend, 'inference': [], 'train': None, 'notes': []}
+           'model_config': asdict(mc), 'sdpa_backend': backend, 'inference': [], 'train': None, 'notes': notes}
     print(f"\n{name}: {row['params'] / 1e6:.2f}M parameters ({row['params_active'] / 1e6:.2f}M active per token), "
           f"{row['tokens_per_cell']:.0f} tokens and {fwd / 1e9:.3g} GFLOP per cell forward; {row['cells']}; "
           f"{dt}{', compiled' if spec['compile'] else ''}{', SDPA ' + backend if backend else ''}")
     if extras and flop_check:
-        x1, l1 = model_input(mc, cells, 1, max_genes)
-        if memory_estimate(mc, row['params'], 1, False, 'MATH', int(l1[0])) > mem_limit:
+        x1, _ = model_input(mc, cells, 1, max_genes)
+        # the input's full length: a cell without genes still has one padding column, which the counter sees
+        length = 1 + x1['genes'].shape[1] if expressed else mc.seq_len
+        if memory_estimate(mc, row['params'], 1, False, 'MATH', length) > mem_limit:
             row['notes'].append('FLOPs not cross-checked: the math kernel would not fit in memory at this length')
         else:
             raw_model.eval()
-            check = row['flop_check'] = count_flops(raw_model, mc, x1, int(l1[0]))
+            check = row['flop_check'] = count_flops(raw_model, mc, x1, length)
             ratios = ', '.join(f"{k} x{v['counted'] / v['analytic']:.4f}" for k, v in check['by_module'].items()
                                if v['analytic'])
             print(f"  FLOPs of one cell: torch.utils.flop_counter {check['counted'] / 1e9:.4g} G, ours "
@@ -604,7 +644,8 @@ def bench_variant(spec, cells, batches, train_batch, max_genes=None, extras=True
     profiled = None
     jobs = [('inference', b) for b in batches] + ([('train', train_batch)] if train_batch else [])
     for kind, batch in jobs:
-        x, batch_lengths = model_input(mc, cells, batch, max_genes)
+        pretraining = kind == 'train' and mc.n_classes == 0        # a pretrained model trains by masked modelling
+        x, batch_lengths, *targets = model_input(mc, cells, batch, max_genes, masked=pretraining)
         needed = memory_estimate(mc, row['params'], batch, kind == 'train', backend, int(max(batch_lengths)))
         run_flops = sum(forward_flops_per_cell(mc, batch_lengths).values()) * (3 if kind == 'train' else 1)
         result = {'batch_size': batch, 'flops_per_cell': run_flops}
@@ -625,7 +666,10 @@ def bench_variant(spec, cells, batches, train_batch, max_genes=None, extras=True
                         model(x)
             else:
                 raw_model.train()
-                step = train_step_fn(model, raw_model, x, batch, dt)
+                if not pretraining:                                 # random labels
+                    g = torch.Generator().manual_seed(seed)
+                    targets = [torch.randint(0, mc.n_classes, (batch,), generator=g).to(device)]
+                step = train_step_fn(model, raw_model, x, targets[0], dt)
             gc.collect()
             reset_peak_memory()
             times, first = timed(step)
@@ -643,10 +687,12 @@ def bench_variant(spec, cells, batches, train_batch, max_genes=None, extras=True
         else:
             row['train'] = result
     if extras and profile and profiled:
+        raw_model.eval()                                            # (the training step left it in train mode)
         print_profile(*profiled)
     if extras and expressed and mask_cost and not any('skipped' in r for r in row['inference']):
         # The same (B, 1 + T) shape twice: the real batch, whose padding needs a mask, and the batch with its padding
-        # turned into real tokens (gene 0, value 0), which needs none. The difference is what the mask costs.
+        # turned into real tokens (gene 0, value 0), which needs none. The difference is what the mask costs. (With
+        # MoE the unmasked run also sends those tokens through the experts, so its ratio understates the mask's cost.)
         x, _ = model_input(mc, cells, batches[-1], max_genes)
         x = {k: F.pad(v, (0, 1), value=-1 if k == 'genes' else 0) for k, v in x.items()}   # at least one padding column
         padded, full = x, dict(x, genes=x['genes'].clamp(min=0))
@@ -680,6 +726,8 @@ results, sweep = [], []
 if not scaling:
     for spec in specs:
         results.append(bench_variant(spec, dataset_cells, batch_list, train_batch_size if train else 0))
+        if spec['compile']:
+            torch._dynamo.reset()             # dynamo's caches hold the compiled model: free it for the next variant
         gc.collect()
         if device_type == 'cuda':
             torch.cuda.empty_cache()
@@ -801,7 +849,7 @@ if plot and results:
         ax1.legend()
         mfus = [biggest[r['variant']]['mfu'] * 100 for r in measured]
         ax2.barh(ys, mfus, color='tab:green')
-        ax2.set_xlabel('inference MFU, % of the measured peak')
+        ax2.set_xlabel('inference MFU, % of the peak')
         for ax in (ax1, ax2):
             ax.set_yticks(ys, names)
             ax.invert_yaxis()
@@ -817,7 +865,7 @@ if scaling_plot and sweep:
             ax1.plot([t for t, _ in pts], [r['latency_ms_per_cell']['median'] for _, r in pts], 'o-', label=name)
             ax2.plot([t for t, _ in pts], [r['mfu'] * 100 for _, r in pts], 'o-', label=name)
     ax1.set(xscale='log', yscale='log', xlabel='tokens per cell', ylabel=f'ms per cell (inference, batch {scaling_batch})')
-    ax2.set(xscale='log', xlabel='tokens per cell', ylabel='MFU, % of the measured peak')
+    ax2.set(xscale='log', xlabel='tokens per cell', ylabel='MFU, % of the peak')
     ax1.legend()
     fig.suptitle(f'{title}: cost against the work per cell (scBERT: panel size; scBERT 2.0: expressed genes)')
     save_figure(fig, scaling_plot)

@@ -174,7 +174,11 @@ def test_help_and_bad_settings(tmp_path):
     bad.write_bytes(b'not a checkpoint')
     for args, expected in ((['--variants=scbert,nope'], "'nope'"), (['--variants=scbert+fast'], "'+fast'"),
                            (['--variants=missing/ckpt.pt'], 'not found'), ([f'--variants={bad}'], 'cannot load'),
-                           (['--batch_sizes=1,x'], 'batch_sizes'), (['--dataset=nowhere'], 'prepared dataset')):
+                           (['--variants=scbert,scbert'], 'once'), (['--batch_sizes=1,x'], 'batch_sizes'),
+                           (['--dataset=nowhere'], 'prepared dataset'), (['--device=gpu'], "'gpu'"),
+                           (['--n_layer=-1'], 'n_layer'), (['--n_classes=0'], 'n_classes'),
+                           ([f'--out={tmp_path / "no" / "b.json"}'], 'folder does not exist'),
+                           ([f'--plot={tmp_path}'], 'is a directory')):
         result = bench(*args, '--peak_flops=1e11')
         lines = [line for line in result.stderr.splitlines() if line.startswith('error:')]
         assert result.returncode != 0 and 'Traceback' not in result.stderr, (args, result.stderr[-2000:])
@@ -234,3 +238,34 @@ def test_scbert2_on_real_cells_flops_and_mask_cost(baron, tmp_path):
     assert run['batch_size'] == 1
     assert counter.get_total_flops() == pytest.approx(run['flops_per_cell'], rel=0.02)
     check_run(run, 1, run['flops_per_cell'])
+
+
+def test_pretrained_checkpoints_time_masked_modelling(baron, tmp_path):
+    """Models without a classifier (ours pretrained, and an original scBERT release file, which has no gene names and
+    so runs on synthetic cells of its panel): inference runs the MLM heads, training is a masked-modelling step, and
+    the FLOPs of those heads match torch's counter."""
+    from data import Dataset
+    vocab = Dataset(baron).vocab
+    cfg = ModelConfig(**TINY | {'n_genes': len(vocab)}, n_kv_head=1, n_classes=0, input_genes='expressed',
+                      attention='sdpa', value_emb='continuous', n_expert=2, n_expert_active=1)
+    torch.manual_seed(0)
+    torch.save({'model': ScBERT(cfg).state_dict(), 'model_args': dataclasses.asdict(cfg), 'vocab': vocab},
+               tmp_path / 'pretrained.pt')
+    variants = [str(tmp_path / 'pretrained.pt')]
+    original = ROOT.parent / 'shared' / 'data' / 'scbert_ref' / 'pretrain_state_dict.pt'
+    if original.exists():
+        variants.append(str(original))
+    result = bench(f'--variants={",".join(variants)}', f'--dataset={baron}', '--batch_sizes=1', '--train_batch_size=2',
+                   '--repeats=1', '--warmup=0', '--num_threads=1', '--peak_flops=1e11', f'--out={tmp_path / "b.json"}',
+                   '--plot=')
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = json.loads((tmp_path / 'b.json').read_text())['variants']
+    for v in rows:
+        assert v['model_config']['n_classes'] == 0 and v['flop_check']['match']
+        check_run(v['train'], 2, v['train']['flops_per_cell'])
+        assert set(v['flop_check']['by_module']) >= {'attention', 'mlp', 'head'}
+    assert rows[0]['flops_per_cell']['by_module']['head'] == 2 * (rows[0]['tokens_per_cell'] - 1) * 16 * (5 + 2 + 1)
+    if len(rows) > 1:                                   # the original: 1,023 genes, width 200, 6 layers
+        v = rows[1]
+        assert v['tokens_per_cell'] == 1024 and v['attention'] == 'performer' and v['params'] > 5e6
+        assert any('no gene names' in n for n in v['notes']) and 'synthetic' in v['cells']
