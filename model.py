@@ -30,10 +30,13 @@ becomes a CLS token plus one token per EXPRESSED gene, (gene id, value), padded 
 with the parts of modern LMs as options: grouped-query attention through F.scaled_dot_product_attention (flash kernels
 on GPU), RMSNorm (llama), SwiGLU (Shazeer 2020), bias-free linears, and a sparse mixture of experts in place of the MLP
 (Switch Transformer, Fedus et al. 2022; Mixtral's top-2).
+
+Distillation (DistilBERT, Sanh et al. 2019) needs three small pieces here: distil_student (a student from every other
+teacher layer), kd_loss (soft targets, with T²) and cosine_loss (hidden states); train.py combines them.
 """
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -515,15 +518,17 @@ class ScBERT(nn.Module):
             return 0.0, 0.0
         return sum(m.aux_loss for m in moes) / len(moes), sum(m.z_loss for m in moes) / len(moes)
 
-    def forward(self, x, targets=None, task=None, class_weight=None, mlm_weight=1.0, regression_weight=1.0):
+    def forward(self, x, targets=None, task=None, class_weight=None, mlm_weight=1.0, regression_weight=1.0,
+                return_hidden=False):
         """task 'mlm': scBERT's tokens give logits (B, L, n_bins + 2), targets (B, L) with -100 where not masked.
         Expressed input gives {'bins': (B, T, n_bins + 2) logits, 'values': (B, T) predicted values}, and targets is
         {'bins': (B, T), -100 where not masked, 'values': (B, T)}: the loss is mlm_weight * cross-entropy over the
         masked bins + regression_weight * MSE over the masked values.
         task 'classify' (the default when there is a classifier): logits (B, n_classes), targets (B,).
-        Returns (logits, loss); loss is None without targets. MoE auxiliary losses are not included (see aux_losses)."""
+        Returns (logits, loss); loss is None without targets. MoE auxiliary losses are not included (see aux_losses).
+        return_hidden=True also returns the encoder's hidden states (B, L, n_embd), for distillation."""
         task = task or ('classify' if self.cls_head is not None else 'mlm')
-        h = self.encode(x)
+        h = hidden = self.encode(x)                                       # (B, L, C)
         if task == 'classify':
             logits = self.cls_head(h, x)
             loss = None if targets is None else F.cross_entropy(logits, targets, weight=class_weight)
@@ -539,7 +544,7 @@ class ScBERT(nn.Module):
                 mlm = F.cross_entropy(logits['bins'][sel].float(), targets['bins'][sel])
                 regression = F.mse_loss(logits['values'][sel].float(), targets['values'][sel].float())
                 loss = mlm_weight * mlm + regression_weight * regression
-        return logits, loss
+        return (logits, loss, hidden) if return_hidden else (logits, loss)
 
     # -------------------------------------------------------------------------
     # the original release's checkpoints
@@ -616,3 +621,40 @@ class ScBERT(nn.Module):
         if name == 'adafactor':
             return torch.optim.Adafactor(groups, lr=lr)
         raise ValueError(f"unknown optimizer '{name}' (use adamw, adam or adafactor)")
+
+
+# -----------------------------------------------------------------------------
+# distillation (DistilBERT, Sanh et al. 2019; train.py's teacher setting, run by distill.py)
+
+def distil_student(teacher, layers, n_embd=0):
+    """DistilBERT's student: the teacher's architecture with only the teacher blocks `layers` (DistilBERT keeps every
+    other one), initialised from those blocks and the teacher's embeddings, final norm and heads. A narrower student
+    (n_embd below the teacher's) has no weights to take, so it starts at random (train.py then learns a projection of
+    its hidden states for the cosine loss)."""
+    config = replace(teacher.config, n_layer=len(layers), n_embd=n_embd or teacher.config.n_embd)
+    student = ScBERT(config)
+    if config.n_embd == teacher.config.n_embd:
+        state = {}
+        for name, value in teacher.state_dict().items():
+            block = re.match(r'blocks\.(\d+)\.(.*)', name)
+            if block is None:
+                state[name] = value
+            elif int(block[1]) in layers:                               # teacher block layers[j] -> student block j
+                state[f'blocks.{layers.index(int(block[1]))}.{block[2]}'] = value
+        student.load_state_dict(state)
+    return student
+
+
+def kd_loss(student_logits, teacher_logits, temperature):
+    """Soft-target loss (Hinton et al. 2015): KL(softmax(teacher / T) ‖ softmax(student / T)) · T², averaged over the
+    rows of (..., n_classes) logits. The T² keeps its gradients the same size whatever T (they scale as 1/T²)."""
+    s = F.log_softmax(student_logits.float().flatten(0, -2) / temperature, -1)
+    t = F.log_softmax(teacher_logits.float().flatten(0, -2) / temperature, -1)
+    return F.kl_div(s, t, log_target=True, reduction='batchmean') * temperature ** 2
+
+
+def cosine_loss(student_hidden, teacher_hidden, valid=None):
+    """DistilBERT's cosine-embedding loss: 1 - cos(student, teacher) per token of (B, L, C) hidden states, averaged over
+    the real tokens (valid (B, L) bool, None = all): it aligns the directions of the two models' hidden states."""
+    loss = 1 - F.cosine_similarity(student_hidden.float(), teacher_hidden.float(), dim=-1)     # (B, L)
+    return loss.mean() if valid is None else loss[valid].mean()

@@ -8,6 +8,7 @@ Pretrain scBERT by masked expression modelling, or fine-tune it to annotate cell
     python train.py --init_from=resume                            # continue out_dir/ckpt.pt on the same schedule
     python train.py config/scbert2_small.py                       # scBERT 2.0: expressed genes, GQA, SwiGLU, MoE
     python train.py config/finetune_baron.py --test_batch=mouse2  # train on one donor, test on the other
+    python train.py --teacher=out/best.pt --out_dir=out-student   # distil into a half-depth student (see distill.py)
     torchrun --nproc_per_node=8 train.py config/scbert2.py        # DDP: nccl on CUDA, gloo on CPU
 
 Folds: the test fold is `fold`, the validation fold is the next one, the rest train. The validation fold picks the best
@@ -27,13 +28,14 @@ from dataclasses import asdict
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from data import (Dataset, UserError, atomic_write, cell_seeds, expressed_batch, mask_tokens, scbert_tokens,
                   split_indices)
 from metrics import classification_metrics, fit_logistic_regression, format_metrics_line, plot_confusion, plot_loss
-from model import Classifier, ModelConfig, ScBERT
+from model import Classifier, ModelConfig, ScBERT, cosine_loss, distil_student, kd_loss, token_valid
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -99,6 +101,17 @@ replace_prob = 0.9             # pretraining: fraction of masked genes replaced 
 baseline = True                # also fit logistic regression on the same folds and print it beside the model
 baseline_max_cells = 20000     # fit the baseline on at most this many training cells (a stratified sample)
 lr_C = 1.0                     # inverse L2 strength of the logistic-regression baseline
+# distillation (DistilBERT, Sanh et al. 2019; distill.py runs train.py with a teacher)
+teacher = ''                   # teacher checkpoint (ours, or an original scBERT .pth; '{fold}' becomes the fold number,
+                               # for fold='all'). The student is the teacher's architecture and input with fewer blocks
+                               # (the model settings above are ignored). '' = no teacher
+student_layers = ''            # teacher blocks that make the student, e.g. '0,2' ('' = every other one: 0, 2, 4, ...)
+student_n_embd = 0             # a narrower student: random init, and a learned projection for the cosine loss (0 = as wide)
+alpha_ce = 5.0                 # soft targets: KL(teacher/T ‖ student/T)·T², on the masked genes or on the cell-type logits
+alpha_mlm = 2.0                # the student's own loss: masked modelling (pretraining) or cross-entropy to the labels
+alpha_cos = 1.0                # cosine loss between the student's and the teacher's hidden states
+alpha_mse = 1.0                # scBERT 2.0 pretraining: MSE between the student's and the teacher's predicted values
+temperature = 2.0              # softmax temperature of the soft targets
 # system
 preload = True                 # hold the dataset in memory when it fits (half the free memory), else stream it from disk
 num_workers = 0                # background processes that build batches (0 = in the training process)
@@ -132,6 +145,10 @@ if n_kv_head < 0 or n_head % (n_kv_head or n_head):
     raise UserError(f'n_head ({n_head}) must be a multiple of n_kv_head ({n_kv_head}) (set --n_kv_head=1, 2, ... or 0)')
 if n_expert and not 1 <= n_expert_active <= n_expert:
     raise UserError(f'n_expert_active must be between 1 and n_expert ({n_expert}), not {n_expert_active}')
+if teacher and init_from not in ('scratch', 'resume'):
+    raise UserError(f"with a teacher the student is made from it: use --init_from=scratch (or resume), not '{init_from}'")
+if temperature <= 0 or min(alpha_ce, alpha_mlm, alpha_cos, alpha_mse) < 0 or student_n_embd < 0:
+    raise UserError('temperature must be > 0, and alpha_ce, alpha_mlm, alpha_cos, alpha_mse and student_n_embd >= 0')
 
 # DDP: torchrun sets RANK; one process per GPU, or per CPU slot with gloo
 ddp = int(os.environ.get('RANK', -1)) != -1
@@ -201,8 +218,9 @@ def clean_state_dict(sd):
     return {k.replace('_orig_mod.', '').removeprefix('module.'): v for k, v in sd.items()}
 
 
-def make_model(fold_dir):
-    """The model for this run, from scratch, from a checkpoint, or from an original scBERT release. Returns (model, ckpt)."""
+def make_model(fold_dir, teacher_model=None):
+    """The model for this run, from scratch, from a checkpoint, from an original scBERT release, or a student made from
+    the teacher. Returns (model, ckpt)."""
     n_classes = len(data.label_names) if mode == 'finetune' else 0
     model_args = dict(n_genes=data.n_genes, n_bins=n_bins, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
                       dim_head=dim_head, ff_mult=ff_mult, attention=attention, nb_features=nb_features,
@@ -215,6 +233,8 @@ def make_model(fold_dir):
         log(f'{path} not found: this fold starts from scratch')
     elif init_from != 'scratch':
         return load_model(path, model_args)
+    if teacher_model is not None:
+        return make_student(teacher_model), None
     model = ScBERT(ModelConfig(**model_args))
     if gene2vec:
         if not os.path.isfile(gene2vec):
@@ -225,6 +245,45 @@ def make_model(fold_dir):
                             f'({data.n_genes}, {n_embd}), rows in the vocab order of {dataset}/vocab.txt')
         model.set_gene_embedding(weight, freeze=True)
     return model, None
+
+
+def load_teacher(k):
+    """The distillation teacher for fold k, frozen, on the device: checked against the dataset's genes and labels."""
+    path = teacher.replace('{fold}', str(k))
+    ckpt = load_checkpoint(path)
+    try:
+        if isinstance(ckpt, dict) and 'model_args' in ckpt:          # ours
+            model = ScBERT(ModelConfig(**ckpt['model_args']))
+            model.load_state_dict(clean_state_dict(ckpt['model']))
+        else:                                                          # the original release's
+            model = ScBERT.from_scbert(ckpt)
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError, AssertionError) as e:
+        raise UserError(f'teacher {path} is not a usable checkpoint ({type(e).__name__}: {str(e)[:200]})') from None
+    if (ckpt.get('vocab') and list(ckpt['vocab']) != data.vocab) or model.config.n_genes != data.n_genes:
+        raise UserError(f'teacher {path} was trained on other genes than {dataset}; distil on its own dataset, or '
+                        f'prepare this one with --vocab=<its out_dir/vocab.txt>')
+    if mode == 'finetune' and (model.cls_head is None or model.config.n_classes != len(data.label_names)
+                               or ckpt.get('label_names', data.label_names) != data.label_names):
+        raise UserError(f"teacher {path} does not classify {dataset}'s {len(data.label_names)} cell types; fine-tune "
+                        f"it on them first, or distil its pretraining with --mode=pretrain")
+    return model.to(device).eval().requires_grad_(False), path
+
+
+def make_student(teacher_model):
+    """DistilBERT's student: the teacher with only student_layers of its blocks (default every other one), initialised
+    from them; narrower (student_n_embd) at random. For pretraining it has no classifier."""
+    n = teacher_model.config.n_layer
+    try:
+        layers = [int(v) for v in student_layers.split(',')] if student_layers else list(range(0, n, 2))
+    except ValueError:
+        layers = []
+    if not layers or sorted(set(layers)) != layers or not 0 <= layers[0] <= layers[-1] < n:
+        raise UserError(f"student_layers must be increasing teacher block numbers 0..{n - 1}, like '0,2' "
+                        f"(got '{student_layers}')")
+    student = distil_student(teacher_model, layers, student_n_embd)
+    if mode == 'pretrain' and student.cls_head is not None:
+        student.config.n_classes, student.cls_head = 0, None
+    return student.cpu()
 
 
 def load_model(path, model_args):
@@ -377,12 +436,14 @@ class Batches(torch.utils.data.Dataset):
 
 
 @torch.no_grad()
-def evaluate(model, idx):
+def evaluate(model, idx, teacher_model=None):
     """Loss and metrics over cells idx: cell-type metrics for fine-tuning; for pretraining the masked-bin accuracy, and
-    for expressed input the masked values' mean squared error. MoE models: how evenly the experts were used."""
+    for expressed input the masked values' mean squared error. MoE models: how evenly the experts were used. With a
+    teacher: how often the model's prediction (cell type, or masked bin) is the teacher's."""
     model.eval()
     model.expert_load(reset=True)
     losses, weights, probs, correct, bin_counts, sq_err, masked_values = [], [], [], 0, 0, 0.0, []
+    agree, compared = 0, 0
     for start in range(0, len(idx), batch_size * 2):
         chunk = idx[start:start + batch_size * 2]
         x, targets = (to_device(t) for t in get_batch(chunk, model.config))
@@ -392,6 +453,14 @@ def evaluate(model, idx):
         n = len(chunk) if mode == 'finetune' else int(((targets['bins'] if isinstance(targets, dict) else targets) != -100).sum())
         losses.append(loss.item() * n)
         weights.append(n)
+        if teacher_model is not None:
+            with autocast:
+                t_logits = teacher_model(x, task='classify' if mode == 'finetune' else 'mlm')[0]
+            s_pred, t_pred = (l['bins'] if isinstance(l, dict) else l for l in (logits, t_logits))
+            same = s_pred.argmax(-1) == t_pred.argmax(-1)              # (B,) cell types, or (B, L) bins
+            if mode == 'pretrain':                                      # the masked genes only
+                same = same[(targets['bins'] if isinstance(targets, dict) else targets) != -100]
+            agree, compared = agree + int(same.sum()), compared + same.numel()
         if mode == 'finetune':
             probs.append(logits.float().softmax(-1).cpu())
             continue
@@ -405,6 +474,8 @@ def evaluate(model, idx):
         bin_counts = bin_counts + torch.bincount(targets[sel].cpu(), minlength=model.config.n_bins + 2)
     model.train()
     out = {'loss': sum(losses) / max(1, sum(weights))}
+    if teacher_model is not None:
+        out['teacher_agreement'] = agree / max(1, compared)
     load = model.expert_load(reset=True)
     if load is not None:
         out['expert_load'] = load.tolist()                          # (n_layer, n_expert), 1 = the uniform share
@@ -438,6 +509,27 @@ def loss_share(targets, class_weight):
     return local * world_size / total
 
 
+def distillation_loss(model, teacher_model, projection, x, targets, class_weight):
+    """DistilBERT's triple loss: alpha_ce x soft targets (kd_loss) + alpha_mlm x the student's own loss + alpha_cos x
+    the cosine between the two models' hidden states over the real tokens; for scBERT 2.0 pretraining also alpha_mse x
+    the MSE to the teacher's predicted values. Soft targets and MSE are on the masked genes when pretraining (as
+    DistilBERT's), on the cell-type logits when fine-tuning."""
+    logits, own, hidden = model(x, targets, class_weight=class_weight, mlm_weight=mlm_weight,
+                                regression_weight=regression_weight, return_hidden=True)
+    with torch.no_grad():
+        t_logits, _, t_hidden = teacher_model(x, task='classify' if mode == 'finetune' else 'mlm', return_hidden=True)
+    hidden = hidden if projection is None else projection(hidden)
+    loss = alpha_mlm * own + alpha_cos * cosine_loss(hidden, t_hidden, token_valid(x))
+    if mode == 'finetune':
+        return loss + alpha_ce * kd_loss(logits, t_logits, temperature)
+    if isinstance(logits, dict):                                   # expressed input: the masked bins and values
+        sel = targets['bins'] != -100
+        return (loss + alpha_ce * kd_loss(logits['bins'][sel], t_logits['bins'][sel], temperature)
+                + alpha_mse * F.mse_loss(logits['values'][sel].float(), t_logits['values'][sel].float()))
+    sel = targets != -100
+    return loss + alpha_ce * kd_loss(logits[sel], t_logits[sel], temperature)
+
+
 def save(path, obj):
     with atomic_write(path) as tmp:
         torch.save(obj, tmp)
@@ -469,11 +561,16 @@ def train_fold(k, fold_dir):
         with atomic_write(os.path.join(fold_dir, 'vocab.txt')) as tmp, open(tmp, 'w') as f:
             f.write('\n'.join(data.vocab) + '\n')
 
+    teacher_model, teacher_path = load_teacher(k) if teacher else (None, None)
     torch.manual_seed(seed)
-    model, ckpt = make_model(fold_dir)
+    model, ckpt = make_model(fold_dir, teacher_model)
     set_trainable(model)
     raw_model = model.to(device)
     optim = raw_model.configure_optimizer(optimizer, learning_rate, weight_decay, (beta1, beta2))
+    projection = None            # a narrower student's hidden states -> the teacher's width, for the cosine loss
+    if teacher_model is not None and raw_model.config.n_embd != teacher_model.config.n_embd:
+        projection = torch.nn.Linear(raw_model.config.n_embd, teacher_model.config.n_embd, bias=False).to(device)
+        optim.add_param_group({'params': list(projection.parameters()), 'weight_decay': 0.0})
     scaler = torch.amp.GradScaler(enabled=ptdtype == torch.float16)   # fp16 only; a no-op otherwise
     iter_num, best, history = 0, {'macro_f1': -1.0, 'loss': float('inf'), 'iter': -1}, {'iter': [], 'train_loss': []}
     if ckpt is not None:                                           # resume: the same schedule from the next step
@@ -483,6 +580,8 @@ def train_fold(k, fold_dir):
         except (KeyError, ValueError) as e:
             raise UserError(f'cannot resume {fold_dir}/ckpt.pt with these settings ({e}); keep the settings it was started with') from None
         iter_num, best, history = ckpt['iter_num'] + 1, ckpt['best'], ckpt['history']
+        if projection is not None:
+            projection.load_state_dict(ckpt['projection'])
         if ckpt.get('done'):
             log(f'fold {k}: already finished in {fold_dir}')
             return json.load(open(os.path.join(fold_dir, 'metrics.json')))
@@ -504,10 +603,16 @@ def train_fold(k, fold_dir):
                f'{raw_model.num_active_params(embeddings=False) / 1e6:.2f}M without the embeddings' if n_expert else '')
             + f'); {world_size} process(es) on {device}, {dtype}'
             + ('' if data.preloaded else f'; streaming {dataset} from disk'))
+        if teacher_model is not None:
+            log(f'distilling {teacher_path} ({teacher_model.num_params() / 1e6:.2f}M parameters, '
+                f'{teacher_model.config.n_layer} blocks) into a {raw_model.config.n_layer}-block student '
+                f'({raw_model.num_params() / 1e6:.2f}M): {alpha_ce} x soft targets (T = {temperature}) + {alpha_mlm} x '
+                f'its own loss + {alpha_cos} x cosine' + (f' + {alpha_mse} x value MSE' if mode == 'pretrain' and
+                                                          raw_model.config.input_genes == 'expressed' else ''))
 
     def checkpoint(done=False):
         state = {'model': raw_model.state_dict(), 'optimizer': optim.state_dict(), 'scaler': scaler.state_dict(),
-                 'model_args': asdict(raw_model.config),
+                 'model_args': asdict(raw_model.config), 'projection': projection.state_dict() if projection else None,
                  'iter_num': iter_num, 'best': best, 'history': history, 'config': config, 'mode': mode, 'fold': k,
                  'vocab': data.vocab, 'label_names': data.label_names, 'log_base': data.log_base, 'done': done}
         save(os.path.join(fold_dir, 'ckpt.pt'), state)
@@ -537,8 +642,11 @@ def train_fold(k, fold_dir):
             sync = nullcontext() if (not ddp or micro == grad_accum - 1) else model.no_sync()
             with sync:
                 with autocast:
-                    _, loss = model(x, targets, class_weight=class_weight, mlm_weight=mlm_weight,
-                                    regression_weight=regression_weight)
+                    if teacher_model is None:
+                        _, loss = model(x, targets, class_weight=class_weight, mlm_weight=mlm_weight,
+                                        regression_weight=regression_weight)
+                    else:
+                        loss = distillation_loss(model, teacher_model, projection, x, targets, class_weight)
                 # DDP: a mean over the global batch, not a mean of the ranks' means (their masked counts differ)
                 share = loss_share(targets, class_weight) if ddp else 1.0
                 aux, z = raw_model.aux_losses()                      # MoE: load balancing and router z-loss
@@ -546,6 +654,10 @@ def train_fold(k, fold_dir):
                 scaler.scale(total / grad_accum).backward()
             cells_since += len(targets['bins'] if isinstance(targets, dict) else targets) * world_size
             compute_time += time.time() - t_compute
+        if ddp and projection is not None:                            # outside DDP's model: average its gradient here
+            for p in projection.parameters():
+                dist.all_reduce(p.grad)
+                p.grad /= world_size
         if grad_clip:
             scaler.unscale_(optim)
             torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip)
@@ -570,20 +682,24 @@ def train_fold(k, fold_dir):
             t0, cells_since, data_time, compute_time, padding = time.time(), 0, 0.0, 0.0, []
         if iter_num % eval_interval == 0 or iter_num == max_iters - 1:
             if master:
-                val = evaluate(raw_model, eval_idx)
+                val = evaluate(raw_model, eval_idx, teacher_model)
                 history.setdefault('val_iter', []).append(iter_num)
                 history.setdefault('val_loss', []).append(val['loss'])
+                if teacher_model is not None:
+                    history.setdefault('val_teacher_agreement', []).append(val['teacher_agreement'])
                 if mode == 'finetune':
                     history.setdefault('val_macro_f1', []).append(val['macro_f1'])
                     improved = val['macro_f1'] > best['macro_f1']
-                    log(f'iter {iter_num}: val loss {val["loss"]:.4f}, {format_metrics_line(val)}')
+                    log(f'iter {iter_num}: val loss {val["loss"]:.4f}, {format_metrics_line(val)}'
+                        + (f', agrees with the teacher on {val["teacher_agreement"]:.1%}' if teacher_model else ''))
                 else:
                     history.setdefault('val_masked_acc', []).append(val['masked_acc'])
                     improved = val['loss'] < best['loss']
                     log(f'iter {iter_num}: val loss {val["loss"]:.4f}, masked-bin accuracy {val["masked_acc"]:.4f} '
                         f'(always the commonest bin: {val["majority_acc"]:.4f})'
                         + (f', masked-value MSE {val["masked_mse"]:.4f} (always the mean: {val["mean_guess_mse"]:.4f})'
-                           if 'masked_mse' in val else ''))
+                           if 'masked_mse' in val else '')
+                        + (f', agrees with the teacher on {val["teacher_agreement"]:.1%}' if teacher_model else ''))
                 if 'expert_load' in val:
                     log(f'iter {iter_num}: validation {describe_load(val["expert_load"])}')
                 if improved:
@@ -613,10 +729,11 @@ def train_fold(k, fold_dir):
         best_ckpt = torch.load(os.path.join(fold_dir, 'best.pt'), map_location=device, weights_only=True)
         best_model = ScBERT(ModelConfig(**best_ckpt['model_args'])).to(device)
         best_model.load_state_dict(best_ckpt['model'])
-        test = evaluate(best_model, test_idx)
+        test = evaluate(best_model, test_idx, teacher_model)
         prob = test.pop('prob')
         result.update(n_test=len(test_idx), val=best_ckpt['val'], test=test)
-        log(f'fold {k} test  scBERT               {format_metrics_line(test)}  (best val iter {best["iter"]})')
+        log(f'fold {k} test  scBERT               {format_metrics_line(test)}  (best val iter {best["iter"]})'
+            + (f', agrees with the teacher on {test["teacher_agreement"]:.1%}' if teacher_model else ''))
         if 'expert_load' in test:
             log(f'fold {k} test  {describe_load(test["expert_load"])}')
         plot_confusion(test['confusion'], data.label_names, os.path.join(fold_dir, 'confusion.png'),
