@@ -17,10 +17,13 @@ Variants (--variants, comma-separated); from scbert2_dense to scbert2_moe each a
     scbert2_gqa     + grouped-query attention (2 key/value heads for 8 query heads)
     scbert2_moe     + the 8-expert, top-2 mixture of experts: the flagship itself (alias: scbert2)
     scbert2_small   config/scbert2_small.py, the CPU-sized scBERT 2.0 (4 layers of 64, GQA, 4 experts)
+    scbert_distilled, scbert2_distilled   scbert and the flagship with half their blocks: the architecture of
+                    distill.py's default student (speed depends on it, not on the weights; a trained student's
+                    checkpoint runs as a path)
     <path>.pt       a checkpoint of ours (train.py's ckpt.pt), run on the dataset's cells mapped onto its genes
   modifiers, appended to any of them: +compile (torch.compile; the default is eager), +fp32, +bf16 (autocast; the
   run's default is fp32 on CPU, bf16 on CUDA), +fp16 (CUDA). Not built yet, and skipped with a note: int8 and ternary
-  (1.58-bit) quantization, as +int8 / +ternary (quantize.py), and distilled students (distill.py).
+  (1.58-bit) quantization, as int8 / ternary or +int8 / +ternary (quantize.py).
 The scBERT 2.0 architectures are read from the config files, so the bench measures what train.py trains. n_embd,
 n_layer, n_head, n_kv_head and dim_head override every variant's own (0 = keep it).
 
@@ -138,12 +141,13 @@ VARIANTS = {   # name -> (its architecture, the fields that define the variant: 
     'scbert2_moe': (FLAGSHIP, {}),
     'scbert2': (FLAGSHIP, {}),
     'scbert2_small': (SMALL, {}),
+    'scbert_distilled': (SCBERT, dict(attention='performer')),   # + half the blocks: distill.py's default student
+    'scbert2_distilled': (FLAGSHIP, {}),
 }
 DTYPES = {'fp32': 'float32', 'bf16': 'bfloat16', 'fp16': 'float16'}
 NOT_BUILT = {  # variants of later issues: skipped with a note until they exist
     'int8': 'int8 quantization is not built yet (quantize.py)',
     'ternary': '1.58-bit (ternary) quantization is not built yet (quantize.py)',
-    'distilled': 'distillation is not built yet (distill.py); a student checkpoint will run as --variants=<its ckpt.pt>',
 }
 OVERRIDES = {k: v for k, v in dict(n_embd=n_embd, n_layer=n_layer, n_head=n_head, n_kv_head=n_kv_head,
                                    dim_head=dim_head).items() if v}
@@ -580,7 +584,10 @@ def build(spec, cells):
     panel = len(cells['genes']) if cells['genes'] is not None else cells['n_genes']
     try:
         overrides = {k: v for k, v in OVERRIDES.items() if k != 'n_kv_head' or arch.get('n_kv_head')}  # GQA only
-        mc = ModelConfig(**{**arch, **overrides, **defining, 'n_genes': panel, 'n_classes': n_classes, 'seed': seed})
+        fields = {**arch, **overrides, **defining}
+        if spec['base'].endswith('_distilled'):   # the architecture of distill.py's student: every other block
+            fields['n_layer'] = (fields['n_layer'] + 1) // 2
+        mc = ModelConfig(**fields, n_genes=panel, n_classes=n_classes, seed=seed)
     except AssertionError as e:
         raise UserError(f"variant {spec['name']} with these settings is not a valid model ({e}); check n_head, "
                         f"n_kv_head ...") from None

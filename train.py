@@ -656,11 +656,13 @@ def train_fold(k, fold_dir):
             compute_time += time.time() - t_compute
         if ddp and projection is not None:                            # outside DDP's model: average its gradient here
             for p in projection.parameters():
-                dist.all_reduce(p.grad)
-                p.grad /= world_size
+                if p.grad is not None:                                # None when alpha_cos = 0
+                    dist.all_reduce(p.grad)
+                    p.grad /= world_size
         if grad_clip:
             scaler.unscale_(optim)
-            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip)
+            torch.nn.utils.clip_grad_norm_([*raw_model.parameters(), *(projection.parameters() if projection else [])],
+                                           grad_clip)
         scaler.step(optim)
         scaler.update()
         optim.zero_grad(set_to_none=True)
