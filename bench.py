@@ -777,7 +777,7 @@ def fmt(v, digits=3):
 if results:
     base = next((r for r in results if r.get('inference') and 'cells_per_s' in r['inference'][-1]), None)
     print(f"\n| variant | params (active) | tokens per cell | GFLOP per cell | cells/s, inference b{batch_list[0]} | "
-          f"cells/s, inference b{batch_list[-1]} | cells/s, training b{train_batch_size} | inference MFU | "
+          f"cells/s, inference b{batch_list[-1]} | cells/s, training b{train_batch_size if train else '-'} | inference MFU | "
           f"vs {base['variant'] if base else 'the first'} (inference b{batch_list[-1]}) | peak MB |")
     print('|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|')
     for row in results:

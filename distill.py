@@ -6,7 +6,8 @@ Distil a trained model (the teacher) into a smaller, faster student, as DistilBE
     python distill.py config/scbert2_small.py --dataset=data/baron1k --fold=all --teacher='out-s2-baron1k/fold{fold}/best.pt'
     # pretrained teacher -> pretrained student (masked modelling), on 8 GPUs
     torchrun --nproc_per_node=8 distill.py config/scbert2.py --teacher=out-scbert2/best.pt --out_dir=out-scbert2-student
-    python distill.py --teacher=out/best.pt --student_layers=0,3 --student_n_embd=32   # your choice of blocks, narrower
+    python distill.py --teacher=out/best.pt --student_layers=0,3        # your choice of teacher blocks
+    python distill.py --teacher=out/best.pt --student_n_embd=32         # narrower: half the blocks, at random
 
 The student is the teacher's architecture with fewer blocks: by default every other one (0, 2, 4, ...), initialised
 from those teacher blocks and from the teacher's embeddings, final norm and heads. A narrower student
@@ -25,29 +26,25 @@ predicts what the teacher does.
 
 The training itself (folds, batches, masking, AdamW/Adafactor, warm-up then decay, AMP, DDP, resume, atomic
 checkpoints, metrics, the logistic-regression baseline) is train.py's, shared rather than copied: this script checks
-that a teacher is given and runs train.py with these settings, which train.py defines (`python train.py --help` lists
-them under "distillation"). Every train.py setting works here. The student's checkpoints (out_dir/best.pt) are
+that a teacher is given and runs train.py, which defines these settings (`python distill.py --help` lists them with
+the rest of train.py's). Every train.py setting works here; the model's (n_layer, n_embd, ...) are the teacher's.
+With fold='all', '{fold}' in --teacher picks each fold's teacher, fine-tuned without that fold's test cells. The student's checkpoints (out_dir/best.pt) are
 ordinary ones: predict.py annotates with them, bench.py times them (--variants=out-distill/best.pt).
 
 The honest control is the same student trained from scratch with the same budget, which train.py gives:
     python train.py config/scbert2_small.py --dataset=data/baron1k --fold=all --n_layer=2 --out_dir=out-s2-2layers
 """
 import os
-import re
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 configs = [arg for arg in sys.argv[1:] if not arg.startswith('-')]
 flags = [arg for arg in sys.argv[1:] if arg.startswith('-')]
-
 if '-h' in flags or '--help' in flags:
-    print(__doc__)
-    print("train.py's settings (the distillation ones are under 'distillation'):\n")
-    sys.stdout.flush()
-elif not any(re.fullmatch(r'--teacher=.+', arg) for arg in flags) and not any(
-        os.path.isfile(c) and re.search(r'^teacher\s*=\s*[\'"].+[\'"]', open(c).read(), re.M) for c in configs):
-    sys.exit("error: distill.py needs a teacher: --teacher=<a checkpoint: our best.pt or an original scBERT .pth>")
+    print(__doc__ + "\ntrain.py's settings (the distillation ones: teacher, student_layers, student_n_embd, alpha_ce, "
+          "alpha_mlm, alpha_cos, alpha_mse, temperature):\n", flush=True)
 # Replace this process with train.py's (under torchrun each rank does the same, keeping its RANK and WORLD_SIZE).
 # The config files first, then our out_dir, then the command line's settings: a config's out_dir (the teacher's,
-# often) must not receive the student.
+# often) must not receive the student. NANOSCBERT_DISTILL makes train.py insist on a teacher.
+os.environ['NANOSCBERT_DISTILL'] = '1'
 os.execv(sys.executable, [sys.executable, os.path.join(HERE, 'train.py'), *configs, '--out_dir=out-distill', *flags])

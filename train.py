@@ -145,6 +145,11 @@ if n_kv_head < 0 or n_head % (n_kv_head or n_head):
     raise UserError(f'n_head ({n_head}) must be a multiple of n_kv_head ({n_kv_head}) (set --n_kv_head=1, 2, ... or 0)')
 if n_expert and not 1 <= n_expert_active <= n_expert:
     raise UserError(f'n_expert_active must be between 1 and n_expert ({n_expert}), not {n_expert_active}')
+if os.environ.get('NANOSCBERT_DISTILL') and not teacher:   # set by distill.py
+    raise UserError("distill.py needs a teacher: --teacher=<a checkpoint: our best.pt or an original scBERT .pth>")
+if teacher and mode == 'finetune' and fold == 'all' and '{fold}' not in teacher:
+    raise UserError("with fold='all' each fold needs the teacher fine-tuned without its test cells: put {fold} in the "
+                    "path, e.g. --teacher='out/fold{fold}/best.pt'")
 if teacher and init_from not in ('scratch', 'resume'):
     raise UserError(f"with a teacher the student is made from it: use --init_from=scratch (or resume), not '{init_from}'")
 if temperature <= 0 or min(alpha_ce, alpha_mlm, alpha_cos, alpha_mse) < 0 or student_n_embd < 0:
@@ -203,10 +208,10 @@ if mode == 'finetune' and not data.label_names:
     raise UserError(f'{dataset} has no labels; prepare it with --label_key=<obs column> to fine-tune, or use --mode=pretrain')
 
 
-def load_checkpoint(path):
+def load_checkpoint(path, setting='init_from'):
     """Our checkpoint dict, or an original scBERT state dict (recognised by its keys). Tensors and plain types only."""
     if not os.path.isfile(path):
-        raise UserError(f'checkpoint {path} not found (check --init_from)')
+        raise UserError(f'checkpoint {path} not found (check --{setting})')
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
@@ -247,10 +252,13 @@ def make_model(fold_dir, teacher_model=None):
     return model, None
 
 
-def load_teacher(k):
-    """The distillation teacher for fold k, frozen, on the device: checked against the dataset's genes and labels."""
+def load_teacher(k, fold_dir):
+    """The distillation teacher for fold k, frozen, on the device: checked against the dataset's genes and labels, the
+    task, and (fine-tuning) the fold, whose test cells the teacher must not have trained on."""
     path = teacher.replace('{fold}', str(k))
-    ckpt = load_checkpoint(path)
+    if os.path.abspath(path) in [os.path.abspath(os.path.join(fold_dir, f)) for f in ('best.pt', 'ckpt.pt')]:
+        raise UserError(f'the student would overwrite its teacher {path}: set another --out_dir')
+    ckpt = load_checkpoint(path, 'teacher')
     try:
         if isinstance(ckpt, dict) and 'model_args' in ckpt:          # ours
             model = ScBERT(ModelConfig(**ckpt['model_args']))
@@ -266,7 +274,15 @@ def load_teacher(k):
                                or ckpt.get('label_names', data.label_names) != data.label_names):
         raise UserError(f"teacher {path} does not classify {dataset}'s {len(data.label_names)} cell types; fine-tune "
                         f"it on them first, or distil its pretraining with --mode=pretrain")
-    return model.to(device).eval().requires_grad_(False), path
+    if mode == 'finetune' and (ckpt.get('fold', k), ckpt.get('test_batch', test_batch)) != (k, test_batch):
+        raise UserError(f"teacher {path} was fine-tuned with test fold {ckpt.get('fold')} "
+                        f"{ckpt.get('test_batch') or ''}: it trained on this run's test cells; use the teacher of "
+                        f"fold {k} ({{fold}} in --teacher)")
+    if mode == 'pretrain' and (ckpt.get('mode') == 'finetune' or ('model_args' not in ckpt and model.cls_head is not None)):
+        raise UserError(f'teacher {path} is fine-tuned: its masked-modelling head is stale or untrained. Distil it '
+                        f'with --mode=finetune, or give its pretrained checkpoint')
+    model = model.to(device).eval().requires_grad_(False)
+    return (torch.compile(model) if compile else model), path
 
 
 def make_student(teacher_model):
@@ -280,6 +296,9 @@ def make_student(teacher_model):
     if not layers or sorted(set(layers)) != layers or not 0 <= layers[0] <= layers[-1] < n:
         raise UserError(f"student_layers must be increasing teacher block numbers 0..{n - 1}, like '0,2' "
                         f"(got '{student_layers}')")
+    if student_n_embd >= teacher_model.config.n_embd or (len(layers) == n and not student_n_embd):
+        raise UserError(f'the student must be smaller than the teacher ({n} blocks of width '
+                        f'{teacher_model.config.n_embd}): fewer --student_layers, or --student_n_embd below the width')
     student = distil_student(teacher_model, layers, student_n_embd)
     if mode == 'pretrain' and student.cls_head is not None:
         student.config.n_classes, student.cls_head = 0, None
@@ -497,37 +516,51 @@ def describe_load(load):
     return 'expert load (share of uniform, min-max per layer): ' + ', '.join(f'{min(r):.2f}-{max(r):.2f}' for r in load)
 
 
+def global_share(local):
+    """world_size * this rank's share of a count summed over the ranks (1.0 in one process). A rank's mean loss times
+    its share makes DDP's average of the ranks' gradients the gradient of the mean over the global batch."""
+    if not ddp:
+        return 1.0
+    total = local.clone()
+    dist.all_reduce(total)
+    return local * world_size / total
+
+
 def loss_share(targets, class_weight):
-    """world_size * this rank's share of the loss denominator (masked genes, or the summed class weights), so that
-    DDP's average of the ranks' gradients equals the gradient of the mean over the global batch."""
+    """global_share of the task loss's denominator: masked genes, or cells (or their summed class weights)."""
     if mode == 'pretrain':
         local = ((targets['bins'] if isinstance(targets, dict) else targets) != -100).sum().float()
     else:
         local = class_weight[targets].sum() if class_weight is not None else torch.tensor(float(len(targets)), device=device)
-    total = local.clone()
-    dist.all_reduce(total)
-    return local * world_size / total
+    return global_share(local)
 
 
 def distillation_loss(model, teacher_model, projection, x, targets, class_weight):
     """DistilBERT's triple loss: alpha_ce x soft targets (kd_loss) + alpha_mlm x the student's own loss + alpha_cos x
     the cosine between the two models' hidden states over the real tokens; for scBERT 2.0 pretraining also alpha_mse x
     the MSE to the teacher's predicted values. Soft targets and MSE are on the masked genes when pretraining (as
-    DistilBERT's), on the cell-type logits when fine-tuning."""
+    DistilBERT's), on the cell-type logits when fine-tuning. Returns (the student's own loss, for the log, and the
+    total), each term scaled by its DDP share: per masked gene, per cell or per token."""
     logits, own, hidden = model(x, targets, class_weight=class_weight, mlm_weight=mlm_weight,
                                 regression_weight=regression_weight, return_hidden=True)
     with torch.no_grad():
         t_logits, _, t_hidden = teacher_model(x, task='classify' if mode == 'finetune' else 'mlm', return_hidden=True)
     hidden = hidden if projection is None else projection(hidden)
-    loss = alpha_mlm * own + alpha_cos * cosine_loss(hidden, t_hidden, token_valid(x))
-    if mode == 'finetune':
-        return loss + alpha_ce * kd_loss(logits, t_logits, temperature)
+    valid = token_valid(x)                                         # (B, L) real tokens, None = all
+    n_tokens = valid.sum().float() if valid is not None else torch.tensor(float(hidden.shape[0] * hidden.shape[1]))
+    share = loss_share(targets, class_weight)
+    total = alpha_mlm * own * share + alpha_cos * cosine_loss(hidden, t_hidden, valid) * global_share(n_tokens.to(device))
+    if mode == 'finetune':                                         # a mean over cells
+        cells = torch.tensor(float(len(targets)), device=device)
+        return own, total + alpha_ce * kd_loss(logits, t_logits, temperature) * global_share(cells)
     if isinstance(logits, dict):                                   # expressed input: the masked bins and values
         sel = targets['bins'] != -100
-        return (loss + alpha_ce * kd_loss(logits['bins'][sel], t_logits['bins'][sel], temperature)
-                + alpha_mse * F.mse_loss(logits['values'][sel].float(), t_logits['values'][sel].float()))
-    sel = targets != -100
-    return loss + alpha_ce * kd_loss(logits[sel], t_logits[sel], temperature)
+        distil = (alpha_ce * kd_loss(logits['bins'][sel], t_logits['bins'][sel], temperature)
+                  + alpha_mse * F.mse_loss(logits['values'][sel].float(), t_logits['values'][sel].float()))
+    else:
+        sel = targets != -100
+        distil = alpha_ce * kd_loss(logits[sel], t_logits[sel], temperature)
+    return own, total + distil * share                             # means over the masked genes, as the own loss
 
 
 def save(path, obj):
@@ -556,14 +589,13 @@ def train_fold(k, fold_dir):
                         f'test {0 if test_idx is None else len(test_idx)}); prepare it with fewer --n_folds')
     eval_idx = val_idx if not eval_cells or len(val_idx) <= eval_cells else \
         np.sort(np.random.default_rng(seed).choice(val_idx, eval_cells, replace=False))
+    teacher_model, teacher_path = load_teacher(k, fold_dir) if teacher else (None, None)
+    torch.manual_seed(seed)
+    model, ckpt = make_model(fold_dir, teacher_model)               # the inputs are checked before any output
     if master:
         os.makedirs(fold_dir, exist_ok=True)
         with atomic_write(os.path.join(fold_dir, 'vocab.txt')) as tmp, open(tmp, 'w') as f:
             f.write('\n'.join(data.vocab) + '\n')
-
-    teacher_model, teacher_path = load_teacher(k) if teacher else (None, None)
-    torch.manual_seed(seed)
-    model, ckpt = make_model(fold_dir, teacher_model)
     set_trainable(model)
     raw_model = model.to(device)
     optim = raw_model.configure_optimizer(optimizer, learning_rate, weight_decay, (beta1, beta2))
@@ -580,6 +612,10 @@ def train_fold(k, fold_dir):
         except (KeyError, ValueError) as e:
             raise UserError(f'cannot resume {fold_dir}/ckpt.pt with these settings ({e}); keep the settings it was started with') from None
         iter_num, best, history = ckpt['iter_num'] + 1, ckpt['best'], ckpt['history']
+        started = {'teacher': ckpt['config'].get('teacher', ''), 'student_n_embd': ckpt['config'].get('student_n_embd', 0)}
+        if started != {'teacher': teacher, 'student_n_embd': student_n_embd}:
+            raise UserError(f'{fold_dir}/ckpt.pt was started with {started}; resume it with the same --teacher and '
+                            f'--student_n_embd')
         if projection is not None:
             projection.load_state_dict(ckpt['projection'])
         if ckpt.get('done'):
@@ -645,18 +681,19 @@ def train_fold(k, fold_dir):
                     if teacher_model is None:
                         _, loss = model(x, targets, class_weight=class_weight, mlm_weight=mlm_weight,
                                         regression_weight=regression_weight)
-                    else:
-                        loss = distillation_loss(model, teacher_model, projection, x, targets, class_weight)
-                # DDP: a mean over the global batch, not a mean of the ranks' means (their masked counts differ)
-                share = loss_share(targets, class_weight) if ddp else 1.0
+                        # DDP: a mean over the global batch, not a mean of the ranks' means (their masked counts differ)
+                        total = loss * loss_share(targets, class_weight)
+                    else:                                           # loss: the student's own, as validation's
+                        loss, total = distillation_loss(model, teacher_model, projection, x, targets, class_weight)
                 aux, z = raw_model.aux_losses()                      # MoE: load balancing and router z-loss
-                total = loss * share + aux_loss_weight * aux + z_loss_weight * z
+                total = total + aux_loss_weight * aux + z_loss_weight * z
                 scaler.scale(total / grad_accum).backward()
             cells_since += len(targets['bins'] if isinstance(targets, dict) else targets) * world_size
             compute_time += time.time() - t_compute
+        t_compute = time.time()                                     # the optimizer step, below
         if ddp and projection is not None:                            # outside DDP's model: average its gradient here
             for p in projection.parameters():
-                if p.grad is not None:                                # None when alpha_cos = 0
+                if p.grad is not None:
                     dist.all_reduce(p.grad)
                     p.grad /= world_size
         if grad_clip:
@@ -710,7 +747,8 @@ def train_fold(k, fold_dir):
                     save(os.path.join(fold_dir, 'best.pt'), {
                         'model': raw_model.state_dict(), 'model_args': asdict(raw_model.config), 'iter_num': iter_num,
                         'mode': mode, 'config': config, 'vocab': data.vocab, 'label_names': data.label_names,
-                        'log_base': data.log_base, 'val': {m: val[m] for m in val if m != 'prob'}})
+                        'log_base': data.log_base, 'val': {m: val[m] for m in val if m != 'prob'}, 'fold': k,
+                        'test_batch': test_batch})
                 checkpoint()
                 t0 = time.time()                                    # leave evaluation out of the cells/s figure
             if ddp:

@@ -96,11 +96,12 @@ def teacher(baron, tmp_path_factory):
 
 
 def test_distillation_raises_agreement_with_the_teacher(baron, teacher, tmp_path):
-    """A narrower student starts at random; distilling makes it predict what its teacher predicts."""
+    """A narrower student starts at random; distilling makes it predict what its teacher predicts. No labels
+    (alpha_mlm = 0): what it learns, it learns from the teacher."""
     out = tmp_path / 'student'
     result = run('distill.py', f'--dataset={baron}', f'--teacher={teacher}', f'--out_dir={out}', '--num_threads=1',
                  '--batch_size=8', '--baseline=False', '--student_n_embd=8', '--max_iters=60', '--eval_interval=10',
-                 '--learning_rate=1e-2', '--warmup_iters=2')
+                 '--learning_rate=1e-2', '--warmup_iters=2', '--alpha_mlm=0')
     assert 'distilling' in result.stdout and 'agrees with the teacher' in result.stdout
     ckpt = state(out / 'ckpt.pt')
     agreement = ckpt['history']['val_teacher_agreement']
@@ -145,26 +146,33 @@ def test_pretraining_distillation_with_values(baron, tmp_path):
 
 
 def test_bad_distillation_input(baron, teacher, tmp_path):
-    result = run('distill.py', f'--dataset={baron}', check=False)
-    user_error(result, 'needs a teacher')
-    result = run('distill.py', f'--dataset={baron}', f'--teacher={tmp_path / "none.pt"}', check=False)
-    user_error(result, 'not found')
-    result = run('distill.py', f'--dataset={baron}', f'--teacher={teacher}', '--student_layers=1,0',
-                 f'--out_dir={tmp_path / "o"}', check=False)
-    user_error(result, 'student_layers')
-    result = run('distill.py', f'--dataset={baron}', f'--teacher={teacher}', '--mode=finetune', '--temperature=0',
-                 f'--out_dir={tmp_path / "o"}', check=False)
-    user_error(result, 'temperature')
-    assert 'distill.py' in run('distill.py', '--help').stdout
+    out = f'--out_dir={tmp_path / "o"}'
+    for args, pattern in (([], 'needs a teacher'), ([f'--teacher={tmp_path / "none.pt"}'], r'not found \(check --teacher'),
+                          ([f'--teacher={teacher}', '--student_layers=1,0'], 'student_layers'),
+                          ([f'--teacher={teacher}', '--temperature=0'], 'temperature'),
+                          ([f'--teacher={teacher}', '--student_layers=0,1'], 'smaller than the teacher'),
+                          ([f'--teacher={teacher}', '--student_n_embd=16'], 'smaller than the teacher'),
+                          ([f'--teacher={teacher}', '--fold=1'], 'test fold 0'),          # it saw fold 1's test cells
+                          ([f'--teacher={teacher}', '--fold=all'], '{fold}'),
+                          ([f'--teacher={teacher}', '--mode=pretrain'], 'is fine-tuned'),
+                          ([f'--teacher={teacher}', f'--out_dir={teacher.parent}'], 'overwrite its teacher')):
+        result = run('distill.py', f'--dataset={baron}', out, *args, check=False)
+        user_error(result, pattern)
+        assert not (tmp_path / 'o').exists()                      # nothing written
+    assert 'alpha_ce' in run('distill.py', '--help').stdout
 
 
-def test_ddp_distillation_matches_one_process(baron, tmp_path):
-    """Two gloo processes of 4 cells = one of 8, the narrower student's projection (outside DDP's model) included."""
+@pytest.mark.parametrize('kind', ['scbert', 'expressed', 'expressed_pretrain'])
+def test_ddp_distillation_matches_one_process(baron, tmp_path, kind):
+    """Two gloo processes of 4 cells = one of 8: each loss term is a mean over the global batch (cells, masked genes or
+    tokens, which differ between the ranks for expressed input), and the narrower student's projection, outside DDP's
+    model, is averaged too."""
     tiny = [f'--dataset={baron}', '--n_embd=16', '--n_layer=2', '--n_head=2', '--dim_head=8', '--head_hidden=16',
-            '--baseline=False', '--eval_interval=100']
+            '--baseline=False', '--eval_interval=100', f'--mode={"pretrain" if "pretrain" in kind else "finetune"}']
+    if kind != 'scbert':                                  # no MoE: its balancing loss is per rank, as in Switch
+        tiny += [a for a in V2 if not a.startswith('--n_expert')] + ['--max_genes=64']
     run('train.py', *tiny, f'--out_dir={tmp_path / "teacher"}', '--max_iters=10', '--batch_size=8', '--num_threads=1')
-    args = [f'--dataset={baron}', f'--teacher={tmp_path / "teacher" / "best.pt"}', '--student_n_embd=8',
-            '--max_iters=5', '--eval_interval=100', '--baseline=False', '--feature_redraw_interval=1000']
+    args = [*tiny, f'--teacher={tmp_path / "teacher" / "best.pt"}', '--student_n_embd=8', '--max_iters=5']
     run('distill.py', *args, f'--out_dir={tmp_path / "one"}', '--batch_size=8', '--num_threads=1')
     torchrun = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']
     result = subprocess.run([*torchrun, str(ROOT / 'distill.py'), *args, f'--out_dir={tmp_path / "two"}',
