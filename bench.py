@@ -556,13 +556,8 @@ def build(spec, cells):
     if spec['ckpt']:
         try:
             ckpt = torch.load(spec['ckpt'], map_location='cpu', weights_only=True)
-            if isinstance(ckpt, dict) and 'model_args' in ckpt:        # ours
-                model = ScBERT(ModelConfig(**ckpt['model_args']))
-                model.load_state_dict({k.replace('_orig_mod.', '').removeprefix('module.'): v
-                                       for k, v in ckpt['model'].items()})
-                genes = list(ckpt['vocab'])
-            else:                                                        # the original release's: no gene names
-                model, genes = ScBERT.from_scbert(ckpt), None
+            model = ScBERT.from_checkpoint(ckpt)
+            genes = list(ckpt['vocab']) if 'model_args' in ckpt else None   # an original has no gene names
         except Exception as e:
             raise UserError(f"cannot load checkpoint {spec['ckpt']} ({type(e).__name__}: {str(e)[:160]}); give a "
                             f"ckpt.pt of train.py or an original scBERT .pth") from None

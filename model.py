@@ -546,6 +546,17 @@ class ScBERT(nn.Module):
                 loss = mlm_weight * mlm + regression_weight * regression
         return (logits, loss, hidden) if return_hidden else (logits, loss)
 
+    @classmethod
+    def from_checkpoint(cls, checkpoint):
+        """The model in a loaded checkpoint: ours (a dict with 'model_args' and 'model') or an original scBERT state
+        dict. The '_orig_mod.' (torch.compile) and 'module.' (DDP) prefixes are stripped."""
+        if isinstance(checkpoint, dict) and 'model_args' in checkpoint:
+            model = cls(ModelConfig(**checkpoint['model_args']))
+            model.load_state_dict({k.replace('_orig_mod.', '').removeprefix('module.'): v
+                                   for k, v in checkpoint['model'].items()})
+            return model
+        return cls.from_scbert(checkpoint)
+
     # -------------------------------------------------------------------------
     # the original release's checkpoints
 
@@ -631,9 +642,11 @@ def distil_student(teacher, layers, n_embd=0):
     other one), initialised from those blocks and the teacher's embeddings, final norm and heads. A narrower student
     (n_embd below the teacher's) has no weights to take, so it starts at random (train.py then learns a projection of
     its hidden states for the cosine loss)."""
-    config = replace(teacher.config, n_layer=len(layers), n_embd=n_embd or teacher.config.n_embd)
+    narrow = bool(n_embd) and n_embd != teacher.config.n_embd
+    config = replace(teacher.config, n_layer=len(layers), n_embd=n_embd or teacher.config.n_embd,
+                     freeze_gene_emb=teacher.config.freeze_gene_emb and not narrow)   # a random table must learn
     student = ScBERT(config)
-    if config.n_embd == teacher.config.n_embd:
+    if not narrow:
         state = {}
         for name, value in teacher.state_dict().items():
             block = re.match(r'blocks\.(\d+)\.(.*)', name)

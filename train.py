@@ -105,7 +105,8 @@ lr_C = 1.0                     # inverse L2 strength of the logistic-regression 
 teacher = ''                   # teacher checkpoint (ours, or an original scBERT .pth; '{fold}' becomes the fold number,
                                # for fold='all'). The student is the teacher's architecture and input with fewer blocks
                                # (the model settings above are ignored). '' = no teacher
-student_layers = ''            # teacher blocks that make the student, e.g. '0,2' ('' = every other one: 0, 2, 4, ...)
+student_layers = ''            # teacher blocks that make the student, e.g. '0,2' ('' = every other one: 0, 2, 4, ...;
+                               # a narrower student takes half the blocks, at random)
 student_n_embd = 0             # a narrower student: random init, and a learned projection for the cosine loss (0 = as wide)
 alpha_ce = 5.0                 # soft targets: KL(teacher/T ‖ student/T)·T², on the masked genes or on the cell-type logits
 alpha_mlm = 2.0                # the student's own loss: masked modelling (pretraining) or cross-entropy to the labels
@@ -260,11 +261,7 @@ def load_teacher(k, fold_dir):
         raise UserError(f'the student would overwrite its teacher {path}: set another --out_dir')
     ckpt = load_checkpoint(path, 'teacher')
     try:
-        if isinstance(ckpt, dict) and 'model_args' in ckpt:          # ours
-            model = ScBERT(ModelConfig(**ckpt['model_args']))
-            model.load_state_dict(clean_state_dict(ckpt['model']))
-        else:                                                          # the original release's
-            model = ScBERT.from_scbert(ckpt)
+        model = ScBERT.from_checkpoint(ckpt)
     except (KeyError, TypeError, ValueError, AttributeError, RuntimeError, AssertionError) as e:
         raise UserError(f'teacher {path} is not a usable checkpoint ({type(e).__name__}: {str(e)[:200]})') from None
     if (ckpt.get('vocab') and list(ckpt['vocab']) != data.vocab) or model.config.n_genes != data.n_genes:
@@ -296,6 +293,9 @@ def make_student(teacher_model):
     if not layers or sorted(set(layers)) != layers or not 0 <= layers[0] <= layers[-1] < n:
         raise UserError(f"student_layers must be increasing teacher block numbers 0..{n - 1}, like '0,2' "
                         f"(got '{student_layers}')")
+    if student_n_embd and student_layers:
+        raise UserError('a narrower student starts at random, so it takes no teacher blocks: drop --student_layers '
+                        '(it gets half the teacher\'s blocks)')
     if student_n_embd >= teacher_model.config.n_embd or (len(layers) == n and not student_n_embd):
         raise UserError(f'the student must be smaller than the teacher ({n} blocks of width '
                         f'{teacher_model.config.n_embd}): fewer --student_layers, or --student_n_embd below the width')

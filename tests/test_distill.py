@@ -84,6 +84,9 @@ def test_student_is_made_of_the_chosen_teacher_blocks(expressed):
     narrow = distil_student(teacher, [0, 2], n_embd=8)
     assert narrow.config.n_embd == 8 and narrow.config.n_layer == 2 and narrow.config.n_head == 2
     assert narrow.gene_emb.weight.shape == (31, 8)
+    frozen = ScBERT(ModelConfig(**args, freeze_gene_emb=True))                  # a gene2vec teacher
+    assert distil_student(frozen, [0, 2], n_embd=8).gene_emb.weight.requires_grad
+    assert not distil_student(frozen, [0, 2]).gene_emb.weight.requires_grad
 
 
 @pytest.fixture(scope='module')
@@ -152,6 +155,7 @@ def test_bad_distillation_input(baron, teacher, tmp_path):
                           ([f'--teacher={teacher}', '--temperature=0'], 'temperature'),
                           ([f'--teacher={teacher}', '--student_layers=0,1'], 'smaller than the teacher'),
                           ([f'--teacher={teacher}', '--student_n_embd=16'], 'smaller than the teacher'),
+                          ([f'--teacher={teacher}', '--student_n_embd=8', '--student_layers=1'], 'no teacher blocks'),
                           ([f'--teacher={teacher}', '--fold=1'], 'test fold 0'),          # it saw fold 1's test cells
                           ([f'--teacher={teacher}', '--fold=all'], '{fold}'),
                           ([f'--teacher={teacher}', '--mode=pretrain'], 'is fine-tuned'),
