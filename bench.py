@@ -8,6 +8,7 @@ MFU against this machine's own limit. What each design choice buys, measured.
     python bench.py --variants=out/ckpt.pt --dataset=data/baron        # a checkpoint of train.py (or distill.py ...)
     python bench.py --dataset= --n_genes=16906 --variants=scbert       # synthetic cells, the original's full panel
     python bench.py --scaling=True                        # synthetic sweep of the work per cell -> bench_scaling.png
+    python bench.py --variants=out/best.pt,out/best_int8.pt,out/best_ternary.pt --dataset=data/baron1k   # quantize.py's
 
 Variants (--variants, comma-separated); from scbert2_dense to scbert2_moe each adds one thing:
     scbert          the original scBERT: Performer (FAVOR+) over the full gene panel, width 200, 6 layers, 10 heads of 64
@@ -21,9 +22,12 @@ Variants (--variants, comma-separated); from scbert2_dense to scbert2_moe each a
                     distill.py's default student (speed depends on it, not on the weights; a trained student's
                     checkpoint runs as a path)
     <path>.pt       a checkpoint of ours (train.py's ckpt.pt), run on the dataset's cells mapped onto its genes
+    <path>_int8.pt  a quantized checkpoint of quantize.py (int8, or ternary packed at 1.6 bits), as stored
   modifiers, appended to any of them: +compile (torch.compile; the default is eager), +fp32, +bf16 (autocast; the
-  run's default is fp32 on CPU, bf16 on CUDA), +fp16 (CUDA). Not built yet, and skipped with a note: int8 and ternary
-  (1.58-bit) quantization, as int8 / ternary or +int8 / +ternary (quantize.py).
+  run's default is fp32 on CPU, bf16 on CUDA), +fp16 (CUDA), +int8 and +ternary: the variant quantized after training
+  as quantize.py does (model.quantize: int8 or BitNet b1.58 weights, int8 activations per token; on CPU PyTorch's
+  int8 GEMM, so fp32 only), inference only. Ternary's norm gains are left at 1: the speed is right, the accuracy is
+  quantize.py's to measure.
 The scBERT 2.0 architectures are read from the config files, so the bench measures what train.py trains. n_embd,
 n_layer, n_head, n_kv_head and dim_head override every variant's own (0 = keep it).
 
@@ -81,10 +85,11 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from data import Dataset, UserError, atomic_write, cell_seeds, expressed_batch, mask_tokens, scbert_tokens
-from model import ModelConfig, ScBERT
+from model import ModelConfig, ScBERT, as_bitlinear, packed_state_dict, quantize
 
 # -----------------------------------------------------------------------------
-variants = 'scbert,scbert_exact,scbert2_dense,scbert2_gqa,scbert2_moe,scbert2_small'  # what to measure (see above)
+variants = ('scbert,scbert_exact,scbert2_dense,scbert2_gqa,scbert2_moe,scbert2_small,'    # what to measure (see above)
+            'scbert+int8,scbert+ternary,scbert2_gqa+int8,scbert2_gqa+ternary')
 dataset = 'data/pbmc68k'       # prepared dataset whose real cells are measured ('' = synthetic cells)
 n_genes = 16906                # synthetic cells: genes in the panel (the original scBERT's 16,906)
 expressed_frac = 0.1           # synthetic cells: the fraction of the panel each cell expresses (real cells: ~5-30%)
@@ -145,30 +150,26 @@ VARIANTS = {   # name -> (its architecture, the fields that define the variant: 
     'scbert2_distilled': (FLAGSHIP, {}),
 }
 DTYPES = {'fp32': 'float32', 'bf16': 'bfloat16', 'fp16': 'float16'}
-NOT_BUILT = {  # variants of later issues: skipped with a note until they exist
-    'int8': 'int8 quantization is not built yet (quantize.py)',
-    'ternary': '1.58-bit (ternary) quantization is not built yet (quantize.py)',
-}
+QUANT = ('int8', 'ternary')
 OVERRIDES = {k: v for k, v in dict(n_embd=n_embd, n_layer=n_layer, n_head=n_head, n_kv_head=n_kv_head,
                                    dim_head=dim_head).items() if v}
 
 
 def parse_variant(name):
-    """'scbert2_gqa+compile+bf16' -> dict(base, dtype, compile, ckpt, skip): what to build, or why not."""
+    """'scbert2_gqa+compile+bf16' -> dict(base, dtype, compile, ckpt, quant): what to build."""
     base, *mods = name.split('+')
-    spec = dict(name=name, base=base, dtype=dtype, compile=compile, ckpt=None, skip=None)
+    spec = dict(name=name, base=base, dtype=dtype, compile=compile, ckpt=None, quant=None)
     if base.endswith(('.pt', '.pth')) or os.path.sep in base:
         if not os.path.isfile(base):
             raise UserError(f"checkpoint {base} not found (a variant ending in .pt or .pth is a checkpoint path)")
         spec['ckpt'] = base
-    elif base in NOT_BUILT:
-        spec['skip'] = NOT_BUILT[base]
     elif base not in VARIANTS:
-        raise UserError(f"unknown variant '{base}' (known: {', '.join(list(VARIANTS) + list(NOT_BUILT))}, or a "
-                        f"checkpoint path; set --variants=...)")
+        hint = f'; quantization is a modifier, like scbert+{base}' if base in QUANT else ''
+        raise UserError(f"unknown variant '{base}' (known: {', '.join(VARIANTS)}, or a checkpoint path; set "
+                        f"--variants=...{hint})")
     for mod in mods:
-        if mod in NOT_BUILT:
-            spec['skip'] = NOT_BUILT[mod]
+        if mod in QUANT:
+            spec['quant'] = mod
         elif mod in DTYPES:
             spec['dtype'] = DTYPES[mod]
         elif mod in ('compile', 'eager'):
@@ -221,6 +222,9 @@ for spec in specs:
     spec['dtype'] = dtype if spec['dtype'] == 'auto' else spec['dtype']
     if spec['dtype'] not in DTYPES.values() or (device_type == 'cpu' and spec['dtype'] == 'float16'):
         raise UserError(f"dtype must be float32, bfloat16 or float16 (float16 needs CUDA), not '{spec['dtype']}'")
+    if spec['quant'] and device_type == 'cpu' and spec['dtype'] != 'float32':
+        raise UserError(f"{spec['name']}: a quantized model runs PyTorch's int8 GEMM on CPU, which takes fp32 "
+                        f"activations; drop +{ {v: k for k, v in DTYPES.items()}[spec['dtype']]} or set --dtype=float32")
 PT_DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
 torch.set_flush_denormal(True)  # exp() in FAVOR+ underflows to denormal floats, which slow CPU matmuls many-fold
 if any(spec['compile'] for spec in specs):
@@ -574,7 +578,7 @@ def build(spec, cells):
             if len(mapped[1]) == 0:
                 raise UserError(f"the sampled cells of {dataset} express none of {spec['ckpt']}'s genes; bench it on "
                                 f"the data it was trained for")
-        return model, cells, notes
+        return quantized(model, spec, notes), cells, notes
     arch, defining = VARIANTS[spec['base']]
     panel = len(cells['genes']) if cells['genes'] is not None else cells['n_genes']
     try:
@@ -587,7 +591,20 @@ def build(spec, cells):
         raise UserError(f"variant {spec['name']} with these settings is not a valid model ({e}); check n_head, "
                         f"n_kv_head ...") from None
     torch.manual_seed(seed)
-    return ScBERT(mc), cells, []
+    notes = []
+    return quantized(ScBERT(mc), spec, notes), cells, notes
+
+
+def quantized(model, spec, notes):
+    """The model quantized as the +int8 / +ternary modifier asks (a float model gets BitLinear's norms for ternary)."""
+    if not spec['quant']:
+        return model
+    if model.quantization:
+        raise UserError(f"{spec['ckpt']} is quantized already ({model.quantization}): drop +{spec['quant']}")
+    if spec['quant'] == 'ternary' and not model.config.bitlinear:
+        model = as_bitlinear(model)
+        notes.append('ternary after training, norm gains left at 1 (its speed; quantize.py calibrates and scores it)')
+    return quantize(model, spec['quant'])
 
 
 def train_step_fn(model, raw_model, x, targets, dt):
@@ -608,11 +625,11 @@ def bench_variant(spec, cells, batches, train_batch, max_genes=None, extras=True
     """Every measurement of one variant on `cells`. max_genes overrides the config's cap (the sweep reads all genes);
     extras: the FLOP-counter check, the padding mask's cost and the profile."""
     name, dt = spec['name'], spec['dtype']
-    if spec['skip']:
-        print(f'\n{name}: skipped: {spec["skip"]}')
-        return {'variant': name, 'skipped': spec['skip'], 'notes': [spec['skip']]}
     raw_model, cells, notes = build(spec, cells)
     mc = raw_model.config
+    if raw_model.quantization:
+        notes.append('quantized: inference only; its int8 multiply-adds count as FLOPs, against the fp32 peak')
+        train_batch = 0
     raw_model.to(device)
     model = torch.compile(raw_model) if spec['compile'] else raw_model
     expressed = mc.input_genes == 'expressed'
@@ -626,11 +643,15 @@ def bench_variant(spec, cells, batches, train_batch, max_genes=None, extras=True
            'checkpoint': spec['ckpt'], 'params': raw_model.num_params(), 'params_active': raw_model.num_active_params(),
            'params_active_no_embeddings': raw_model.num_active_params(embeddings=False), 'cells': cells['source'],
            'tokens_per_cell': float(np.mean(lengths)), 'flops_per_cell': {'forward': fwd, 'train': 3 * fwd, 'by_module': flops},
-           'model_config': asdict(mc), 'sdpa_backend': backend, 'inference': [], 'train': None, 'notes': notes}
+           'model_config': asdict(mc), 'sdpa_backend': backend, 'inference': [], 'train': None, 'notes': notes,
+           'quantization': raw_model.quantization,     # the bytes of its weights as a checkpoint stores them:
+           'weights_mb': sum(t.numel() * t.element_size() for t in packed_state_dict(raw_model).values()) / 2**20}
     print(f"\n{name}: {row['params'] / 1e6:.2f}M parameters ({row['params_active'] / 1e6:.2f}M active per token), "
           f"{row['tokens_per_cell']:.0f} tokens and {fwd / 1e9:.3g} GFLOP per cell forward; {row['cells']}; "
           f"{dt}{', compiled' if spec['compile'] else ''}{', SDPA ' + backend if backend else ''}")
-    if extras and flop_check:
+    if extras and flop_check and raw_model.quantization:
+        row['notes'].append("FLOPs not cross-checked: torch.utils.flop_counter does not see PyTorch's int8 kernels")
+    elif extras and flop_check:
         x1, _ = model_input(mc, cells, 1, max_genes)
         # the input's full length: a cell without genes still has one padding column, which the counter sees
         length = 1 + x1['genes'].shape[1] if expressed else mc.seq_len
@@ -737,8 +758,8 @@ else:
     # the sweep: synthetic cells, more genes per cell at each point
     rng = np.random.default_rng(seed)
     for spec in specs:
-        if spec['skip'] or spec['ckpt']:
-            print(f"\n{spec['name']}: not swept ({spec['skip'] or 'a checkpoint has a fixed panel'})")
+        if spec['ckpt']:
+            print(f"\n{spec['name']}: not swept (a checkpoint has a fixed panel)")
             continue
         panel_model = VARIANTS[spec['base']][0].get('input_genes', 'all') == 'all'
         for size in (sweep_panels if panel_model else sweep_genes):
@@ -773,12 +794,9 @@ if results:
     base = next((r for r in results if r.get('inference') and 'cells_per_s' in r['inference'][-1]), None)
     print(f"\n| variant | params (active) | tokens per cell | GFLOP per cell | cells/s, inference b{batch_list[0]} | "
           f"cells/s, inference b{batch_list[-1]} | cells/s, training b{train_batch_size if train else '-'} | inference MFU | "
-          f"vs {base['variant'] if base else 'the first'} (inference b{batch_list[-1]}) | peak MB |")
-    print('|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|')
+          f"vs {base['variant'] if base else 'the first'} (inference b{batch_list[-1]}) | weights MB | peak MB |")
+    print('|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|')
     for row in results:
-        if 'skipped' in row:
-            print(f"| {row['variant']} | skipped: {row['skipped']} | | | | | | | | |")
-            continue
         inf = {r['batch_size']: r for r in row['inference']}
         first, last, tr = inf[batch_list[0]], inf[batch_list[-1]], row['train'] or {}
         speedup = (last['cells_per_s'] / base['inference'][-1]['cells_per_s']
@@ -787,8 +805,16 @@ if results:
         print(f"| {row['variant']} | {row['params'] / 1e6:.2f}M ({row['params_active'] / 1e6:.2f}M) | "
               f"{row['tokens_per_cell']:.0f} | {row['flops_per_cell']['forward'] / 1e9:.3g} | "
               f"{fmt(first.get('cells_per_s'))} | {fmt(last.get('cells_per_s'))} | {fmt(tr.get('cells_per_s'))} | "
-              f"{f'{mfu:.0%}' if mfu else ''} | {f'{speedup:.2f}x' if speedup else ''} | "
+              f"{f'{mfu:.0%}' if mfu else ''} | {f'{speedup:.2f}x' if speedup else ''} | {row['weights_mb']:.3g} | "
               f"{max((r.get('peak_mem_mb', 0) for _, r in runs_of(row)), default=0):.0f} |")
+    float_rows = {row['variant']: row for row in results if not row['quantization']}
+    for row in results:                 # a quantized variant against the same variant in float, when both ran
+        twin = float_rows.get(re.sub(r'\+(int8|ternary)', '', row['variant']))
+        if row['quantization'] and twin:
+            ratios = ' / '.join(f"{q.get('cells_per_s', 0) / f['cells_per_s']:.2f}x" for q, f in
+                                zip(row['inference'], twin['inference']) if 'cells_per_s' in f)
+            print(f"{row['variant']}: {ratios} the inference cells/s of {twin['variant']} (batch "
+                  f"{' / '.join(str(b) for b in batch_list)}); weights {twin['weights_mb'] / row['weights_mb']:.1f}x smaller")
     print('\n| variant | run | batch | cells/s | ms per cell (min-max) | GFLOP per cell | GFLOP/s | MFU | peak MB |')
     print('|---|---|---:|---:|---:|---:|---:|---:|---:|')
     for row in results:

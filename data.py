@@ -445,6 +445,31 @@ class Dataset:
         return out
 
 
+def fold_split(data, k, test_batch=''):
+    """-> (train_idx, val_idx, test_idx) of a prepared Dataset for test fold k (split_indices), or, with test_batch,
+    test = that batch's labelled cells (e.g. a donor) and train/validation = the other batches' cells of those folds."""
+    train_idx, val_idx, test_idx = split_indices(data.folds, k, data.n_folds)
+    if not test_batch:
+        return train_idx, val_idx, test_idx
+    names = data.meta.get('batch_names') or []
+    if test_batch not in names:
+        raise UserError(f"test_batch '{test_batch}' is not a batch of {data.path} (its batches: "
+                        f"{', '.join(names) or 'none; prepare it with --batch_key=<obs column>'})")
+    held_out = data.batch == names.index(test_batch)
+    train_idx = np.sort(np.concatenate([train_idx, test_idx]))
+    return train_idx[~held_out[train_idx]], val_idx[~held_out[val_idx]], np.flatnonzero(held_out & (data.labels >= 0))
+
+
+def classify_input(data, idx, cfg):
+    """A model's input for cells idx of a prepared Dataset, as train.py evaluates them (nothing masked): scBERT's
+    tokens (B, n_genes + 1), or the expressed-gene dict with each cell's fixed gene subset."""
+    import torch
+    if cfg.input_genes == 'expressed':
+        indptr, indices, values = data.rows(idx)
+        return expressed_batch(indptr, indices, values, cell_seeds(indptr, indices, cfg.seed), cfg, data.log_base)
+    return scbert_tokens(torch.from_numpy(data.dense(idx)), data.log_base, cfg.n_bins)
+
+
 def split_indices(folds, fold, n_folds):
     """-> (train_idx, val_idx, test_idx): test = fold `fold`, val = the next fold, train = the rest; fold -1 in none."""
     if not 0 <= fold < n_folds:

@@ -73,6 +73,7 @@ class ModelConfig:
     bias: bool = True               # biases in the attention and MLP linears and in the norms
     n_expert: int = 0               # > 0: a sparse mixture of n_expert MLPs replaces each block's MLP
     n_expert_active: int = 2        # experts per token (top-k)
+    bitlinear: bool = False         # BitNet b1.58 quantization-aware training: ternary attention/feed-forward weights
 
     def __post_init__(self):
         if self.nb_features == 0:
@@ -178,6 +179,11 @@ def make_norm(config):
     return RMSNorm(config.n_embd) if config.norm == 'rmsnorm' else nn.LayerNorm(config.n_embd, bias=config.bias)
 
 
+def make_linear(config, in_features, out_features, bias):
+    """The attention and feed-forward linears: nn.Linear, or BitLinear when config.bitlinear (quantization-aware)."""
+    return (BitLinear if config.bitlinear else nn.Linear)(in_features, out_features, bias=bias)
+
+
 def repeat_kv(x, n_rep):
     """(B, n_kv_head, L, d) -> (B, n_kv_head * n_rep, L, d): each key/value head serves n_rep query heads (GQA)."""
     return x if n_rep == 1 else x.repeat_interleave(n_rep, dim=1)
@@ -187,11 +193,11 @@ class Attention(nn.Module):
     def __init__(self, config, layer_idx):
         super().__init__()
         self.n_head, self.n_kv_head, self.layer_idx, self.config = config.n_head, config.n_kv_head, layer_idx, config
-        self.to_q = nn.Linear(config.n_embd, config.n_head * config.dim_head, bias=False)
+        self.to_q = make_linear(config, config.n_embd, config.n_head * config.dim_head, bias=False)
         # grouped-query attention (Ainslie et al. 2023): fewer key/value heads, shared by groups of query heads
-        self.to_k = nn.Linear(config.n_embd, config.n_kv_head * config.dim_head, bias=False)
-        self.to_v = nn.Linear(config.n_embd, config.n_kv_head * config.dim_head, bias=False)
-        self.to_out = nn.Linear(config.n_head * config.dim_head, config.n_embd, bias=config.bias)
+        self.to_k = make_linear(config, config.n_embd, config.n_kv_head * config.dim_head, bias=False)
+        self.to_v = make_linear(config, config.n_embd, config.n_kv_head * config.dim_head, bias=False)
+        self.to_out = make_linear(config, config.n_head * config.dim_head, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
         if config.attention == 'performer':
             self.register_buffer('projection_matrix', torch.zeros(config.nb_features, config.dim_head))
@@ -222,9 +228,9 @@ class MLP(nn.Module):
     """GELU: w2(gelu(w1 x)), as scBERT. SwiGLU (Shazeer 2020, "GLU variants improve Transformer"): w2(silu(w1 x) * w3 x)."""
     def __init__(self, config):
         super().__init__()
-        self.w1 = nn.Linear(config.n_embd, config.ff_hidden, bias=config.bias)
-        self.w3 = nn.Linear(config.n_embd, config.ff_hidden, bias=config.bias) if config.mlp == 'swiglu' else None
-        self.w2 = nn.Linear(config.ff_hidden, config.n_embd, bias=config.bias)
+        self.w1 = make_linear(config, config.n_embd, config.ff_hidden, bias=config.bias)
+        self.w3 = make_linear(config, config.n_embd, config.ff_hidden, bias=config.bias) if config.mlp == 'swiglu' else None
+        self.w2 = make_linear(config, config.ff_hidden, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
@@ -251,12 +257,18 @@ class MoE(nn.Module):
         self.w1 = nn.Parameter(torch.randn(E, H, C) * 0.02)
         self.w3 = nn.Parameter(torch.randn(E, H, C) * 0.02) if self.swiglu else None
         self.w2 = nn.Parameter(torch.randn(E, C, H) * 0.02)
+        # BitNet QAT: BitLinear's norm before each quantized input (shared by the experts: they see the same tokens)
+        self.norm_in, self.norm_hidden = (RMSNorm(C), RMSNorm(H)) if config.bitlinear else (None, None)
         self.dropout = nn.Dropout(config.dropout)
         self.register_buffer('tokens_per_expert', torch.zeros(E), persistent=False)   # usage since the last reset
 
     @staticmethod
-    def expert_matmul(x, w, counts):
+    def expert_matmul(x, w, counts, norm=None):
         """x (N, in), rows grouped by expert with counts (E,) -> (N, out): row block e times w[e]ᵀ."""
+        if isinstance(w, nn.ModuleList):                      # quantized for inference: a QuantLinear per expert
+            return torch.cat([w[e](xe) for e, xe in enumerate(x.split(counts.tolist()))])
+        if norm is not None:                                  # BitNet QAT: BitLinear's recipe, one γ per expert
+            x, w = fake_quant(norm(x), absmax_int8), fake_quant(w, absmean_ternary)
         if x.is_cuda and torch.is_autocast_enabled('cuda') and torch.cuda.get_device_capability(x.device) >= (8, 0):
             # one kernel for every expert; it takes bf16 on sm80+ GPUs (autocast does not cast its inputs for us)
             bf16 = torch.bfloat16
@@ -274,9 +286,9 @@ class MoE(nn.Module):
         token = order // self.top_k                           # the token of each sorted assignment
         counts = torch.bincount(expert.flatten(), minlength=self.n_expert)   # (E,) tokens per expert
         xs = x[token]                                         # (N k, C), grouped by expert
-        h = self.expert_matmul(xs, self.w1, counts)
-        h = F.silu(h) * self.expert_matmul(xs, self.w3, counts) if self.swiglu else F.gelu(h)
-        y = self.expert_matmul(self.dropout(h), self.w2, counts)            # (N k, C)
+        h = self.expert_matmul(xs, self.w1, counts, self.norm_in)
+        h = F.silu(h) * self.expert_matmul(xs, self.w3, counts, self.norm_in) if self.swiglu else F.gelu(h)
+        y = self.expert_matmul(self.dropout(h), self.w2, counts, self.norm_hidden)   # (N k, C)
         y = y * weight.flatten()[order, None].to(y.dtype)
         out = torch.zeros_like(x).index_add_(0, token, y.to(x.dtype))      # sum each token's k expert outputs
         with torch.no_grad():
@@ -424,6 +436,7 @@ class ScBERT(nn.Module):
         # the classifier keeps PyTorch's default init, as the original's head does: with N(0, 0.02) its 766-gene fc1
         # starts ~50x too small and the head barely trains
         self.cls_head = Classifier(config) if config.n_classes > 0 else None
+        self.quantization = None                              # 'int8' | 'ternary' once quantize() has run
 
     @staticmethod
     def _init_weights(module):
@@ -436,8 +449,13 @@ class ScBERT(nn.Module):
                 nn.init.zeros_(module.bias)
 
     def num_params(self):
-        """All parameters, the gene embedding included (the original's 8.39M count includes its 3.38M gene2vec table)."""
-        return sum(p.numel() for p in self.parameters())
+        """All parameters, the gene embedding included (the original's 8.39M count includes its 3.38M gene2vec table),
+        and a quantized model's int8 weights."""
+        return sum(p.numel() for p in self.parameters()) + sum(m.weight_int8.numel() + (m.bias.numel() if m.bias is not None
+                                                                                     else 0) for m in self.quantized_linears())
+
+    def quantized_linears(self):
+        return [m for m in self.modules() if isinstance(m, QuantLinear)]
 
     def num_active_params(self, embeddings=True):
         """Parameters that one token uses: a MoE layer's inactive experts left out, and the embedding tables too
@@ -445,7 +463,8 @@ class ScBERT(nn.Module):
         n = self.num_params()
         for block in self.blocks:
             if isinstance(block.mlp, MoE):
-                per_expert = sum(w[0].numel() for w in (block.mlp.w1, block.mlp.w2, block.mlp.w3) if w is not None)
+                per_expert = sum((w[0].weight_int8 if isinstance(w, nn.ModuleList) else w[0]).numel()
+                                 for w in (block.mlp.w1, block.mlp.w2, block.mlp.w3) if w is not None)
                 n -= (block.mlp.n_expert - block.mlp.top_k) * per_expert
         if not embeddings:
             n -= sum(m.weight.numel() for m in (self.gene_emb, getattr(self, 'token_emb', None)) if m is not None)
@@ -552,8 +571,11 @@ class ScBERT(nn.Module):
         dict. The '_orig_mod.' (torch.compile) and 'module.' (DDP) prefixes are stripped."""
         if isinstance(checkpoint, dict) and 'model_args' in checkpoint:
             model = cls(ModelConfig(**checkpoint['model_args']))
-            model.load_state_dict({k.replace('_orig_mod.', '').removeprefix('module.'): v
-                                   for k, v in checkpoint['model'].items()})
+            state = {k.replace('_orig_mod.', '').removeprefix('module.'): v for k, v in checkpoint['model'].items()}
+            if checkpoint.get('quantization'):                # quantize.py's: the shapes, then the int8 / packed weights
+                quantize(model, checkpoint['quantization'])
+                state = unpack_state_dict(state, model)
+            model.load_state_dict(state)
             return model
         return cls.from_scbert(checkpoint)
 
@@ -671,3 +693,194 @@ def cosine_loss(student_hidden, teacher_hidden, valid=None):
     the real tokens (valid (B, L) bool, None = all): it aligns the directions of the two models' hidden states."""
     loss = 1 - F.cosine_similarity(student_hidden.float(), teacher_hidden.float(), dim=-1)     # (B, L)
     return loss.mean() if valid is None else loss[valid].mean()
+
+
+# -----------------------------------------------------------------------------
+# quantization: int8 and BitNet b1.58 (quantize.py; train.py's bitlinear; bench.py's +int8 / +ternary)
+#
+# Only the attention projections and the feed-forward / expert matrices are quantized: they hold nearly all the FLOPs.
+# Embeddings (lookups), norms, the MoE router, FAVOR+'s random features and the heads stay in floating point.
+
+def absmax_int8(x):
+    """Symmetric absmax int8 along the last dim (a token's features, or a weight's input row): x ≈ q · scale,
+    q = round(x / scale) in [-127, 127], scale = max|x| / 127. Returns (q as int8, scale (..., 1))."""
+    scale = x.abs().amax(-1, keepdim=True).clamp(min=1e-8) / 127
+    return torch.round(x / scale).clamp(-127, 127).to(torch.int8), scale
+
+
+def absmean_ternary(w):
+    """BitNet b1.58 (Ma et al. 2024, eqs. 1-3): W ≈ q · γ, q = RoundClip(W / γ, -1, 1) in {-1, 0, +1}, γ = mean |W| of the
+    matrix (the last two dims: stacked experts (E, out, in) get one γ each). Returns (q as int8, γ (..., 1, 1))."""
+    scale = w.abs().mean((-2, -1), keepdim=True).clamp(min=1e-8)
+    return torch.round(w / scale).clamp(-1, 1).to(torch.int8), scale
+
+
+def fake_quant(x, quantize):
+    """Quantize-dequantize for training. The straight-through estimator (Bengio et al. 2013): the forward pass sees
+    the quantized values, the backward pass treats the rounding as the identity, so the float weights keep learning."""
+    q, scale = quantize(x)
+    return x + (q.to(x.dtype) * scale - x).detach()
+
+
+class BitLinear(nn.Linear):
+    """BitNet b1.58's linear for quantization-aware training (bitlinear=True): an RMSNorm (BitNet's SubLN: the input
+    scale the int8 grid sees no longer depends on the layer), activations fake-quantized to int8 per token (absmax)
+    and weights to {-1, 0, +1}·γ (absmean), both through the straight-through estimator. Latent weights stay float."""
+    def __init__(self, in_features, out_features, bias=True):
+        super().__init__(in_features, out_features, bias=bias)
+        self.norm = RMSNorm(in_features)
+
+    def forward(self, x):
+        return F.linear(fake_quant(self.norm(x), absmax_int8), fake_quant(self.weight, absmean_ternary), self.bias)
+
+
+class QuantLinear(nn.Module):
+    """Inference with int8 weights, one scale per output row (int8: absmax per row) or per matrix (ternary: γ), times
+    int8 activations with one scale per token (absmax): y = (q_x · s_x)(q_w · s_w)ᵀ + b, after BitLinear's norm if any.
+
+    kernel 'auto' on CPU runs PyTorch's int8 GEMM (the x86/fbgemm engine's quantized::linear_dynamic). That kernel
+    quantizes its input per tensor, so each token is first divided by its own absmax: every token then spans [-1, 1],
+    and the per-tensor grid is a per-token one; the output is multiplied back. int8 weights need reduce_range (7-bit
+    activations: the kernel's u8·s8 pair sums overflow int16 otherwise); ternary weights cannot overflow and keep 8 bits.
+    Elsewhere (GPU), or kernel='reference', the same arithmetic in floating point: integer-valued operands, exact products."""
+    def __init__(self, in_features, out_features, bias=True, ternary=False, norm=False):
+        super().__init__()
+        self.ternary, self.kernel, self._packed = ternary, 'auto', None
+        self.register_buffer('weight_int8', torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer('weight_scale', torch.ones(1 if ternary else out_features))
+        self.register_buffer('bias', torch.zeros(out_features) if bias else None)
+        self.norm = RMSNorm(in_features) if norm else None
+
+    @classmethod
+    def from_float(cls, weight, bias=None, ternary=False, norm=None):
+        """From a float weight (out, in): absmax int8 per row, or BitNet's absmean ternary; norm: BitLinear's RMSNorm."""
+        q = cls(weight.shape[1], weight.shape[0], bias is not None, ternary, norm is not None)
+        w_q, scale = absmean_ternary(weight.detach()) if ternary else absmax_int8(weight.detach())
+        q.weight_int8.copy_(w_q)
+        q.weight_scale.copy_(scale.flatten())
+        if bias is not None:
+            q.bias.copy_(bias.detach())
+        if norm is not None:
+            q.norm.load_state_dict(norm.state_dict())
+        return q
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._packed = None                                   # new weights: pack them again for the int8 kernel
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def forward(self, x):                                     # x (..., in) -> (..., out)
+        if self.norm is not None:
+            x = self.norm(x)
+        shape, x = x.shape, x.reshape(-1, x.shape[-1])
+        s = x.abs().amax(-1, keepdim=True).clamp(min=1e-8)    # (N, 1): each token's absmax
+        if self.kernel == 'auto' and x.device.type == 'cpu' and x.dtype == torch.float32 and int8_gemm_available():
+            if self._packed is None:
+                self._packed = pack_for_int8_gemm(self.weight_int8, self.weight_scale)
+            y = torch.ops.quantized.linear_dynamic(x / s, self._packed, not self.ternary).mul_(s)
+        else:
+            q = torch.round(x * (127 / s)).clamp(-127, 127)   # the token's int8 values, held as floats
+            y = F.linear(q, self.weight_int8.to(x.dtype)) * (s / 127) * self.weight_scale.to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.view(*shape[:-1], -1)
+
+
+def int8_gemm_available():
+    return torch.backends.quantized.engine in ('x86', 'fbgemm') and hasattr(torch.ops.quantized, 'linear_dynamic')
+
+
+def pack_for_int8_gemm(weight_int8, scale):
+    """The int8 kernel's packed weight (a per-channel qint8 tensor). PyTorch warns that quantized tensors are
+    deprecated; if they go, int8_gemm_available() turns False and QuantLinear falls back to the reference path."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        q = torch._make_per_channel_quantized_tensor(weight_int8, scale.double().expand(len(weight_int8)).contiguous(),
+                                                     torch.zeros(len(weight_int8), dtype=torch.long), 0)
+        return torch.ops.quantized.linear_prepack(q, None)
+
+
+def quantize(model, scheme):
+    """Replace, in place, every attention and feed-forward linear (experts included) with a QuantLinear: 'int8' (any
+    float model) or 'ternary' (a bitlinear model: its BitLinear norms go with the weights; see as_bitlinear for a float
+    one). Returns the model, now for inference only."""
+    assert scheme in ('int8', 'ternary'), scheme
+    if scheme == 'ternary' and not model.config.bitlinear:
+        raise ValueError('ternary quantization needs a bitlinear model: as_bitlinear(model) converts a float one')
+    ternary = scheme == 'ternary'
+    for block in model.blocks:
+        for layer, names in ((block.attn, ('to_q', 'to_k', 'to_v', 'to_out')), (block.mlp, ('w1', 'w3', 'w2'))):
+            for name in names:
+                w = getattr(layer, name)
+                if isinstance(w, nn.Linear):
+                    setattr(layer, name, QuantLinear.from_float(w.weight, w.bias, ternary, getattr(w, 'norm', None)))
+                elif isinstance(w, nn.Parameter):             # stacked experts (E, out, in) -> one QuantLinear each
+                    norm = layer.norm_hidden if name == 'w2' else layer.norm_in
+                    delattr(layer, name)
+                    setattr(layer, name, nn.ModuleList(QuantLinear.from_float(we, None, ternary, norm) for we in w))
+        if isinstance(block.mlp, MoE):
+            block.mlp.norm_in = block.mlp.norm_hidden = None  # now inside each expert's QuantLinear
+    model.quantization = scheme
+    return model.eval().requires_grad_(False)
+
+
+def as_bitlinear(model):
+    """A float model as a bitlinear one: the same weights, BitLinear's norms added at gain 1 (calibrate_bitlinear sets
+    them). For post-training ternary conversion, and for quantization-aware training that starts from a float model."""
+    bit = ScBERT(replace(model.config, bitlinear=True))
+    missing, unexpected = bit.load_state_dict(model.state_dict(), strict=False)
+    assert not unexpected and all(k.endswith(('.norm.weight', '.norm_in.weight', '.norm_hidden.weight'))
+                                  for k in missing), (missing, unexpected)
+    return bit
+
+
+@torch.no_grad()
+def calibrate_bitlinear(model, x):
+    """Set every BitLinear norm's gain to the RMS its input has on the batch x: the norm then hands the quantizer
+    what the float weights were trained on, up to each token's own scale. Layer by layer in one pass: each norm is set
+    before it runs, so the layers after it see calibrated inputs."""
+    norms = [m.norm for m in model.modules() if isinstance(m, BitLinear)]
+    norms += [n for m in model.modules() if isinstance(m, MoE) and m.norm_in is not None for n in (m.norm_in, m.norm_hidden)]
+    def set_gain(norm, args):
+        if len(args[0]):
+            norm.weight.fill_(float(args[0].float().pow(2).mean().sqrt()))
+    hooks = [norm.register_forward_pre_hook(set_gain) for norm in norms]
+    was_training = model.training
+    try:
+        model.eval()(x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    return len(norms)
+
+
+def pack_ternary(q):
+    """{-1, 0, +1} int8 tensor -> uint8, five weights per byte in base 3 (3⁵ = 243 ≤ 256): 1.6 bits per weight."""
+    digits = (q.flatten().to(torch.int16) + 1).to(torch.uint8)               # {0, 1, 2}
+    digits = torch.cat([digits, digits.new_zeros(-len(digits) % 5)]).view(-1, 5)
+    return (digits * torch.tensor([1, 3, 9, 27, 81], dtype=torch.uint8)).sum(1, dtype=torch.uint8)
+
+
+def unpack_ternary(packed, shape):
+    """pack_ternary's inverse: uint8 (ceil(n / 5),) -> int8 tensor of `shape`, exactly."""
+    n = math.prod(shape)
+    digits = (packed.to(torch.int16)[:, None] // torch.tensor([1, 3, 9, 27, 81], dtype=torch.int16)) % 3
+    return (digits.flatten()[:n] - 1).to(torch.int8).view(shape)
+
+
+def packed_state_dict(model):
+    """A quantized model's state dict for the checkpoint file: a ternary model's weights packed 5 to a byte."""
+    state = model.state_dict()
+    if model.quantization == 'ternary':
+        for name in [k for k in state if k.endswith('.weight_int8')]:
+            state[name.replace('.weight_int8', '.weight_packed')] = pack_ternary(state.pop(name))
+    return state
+
+
+def unpack_state_dict(state, model):
+    """packed_state_dict's inverse, given the quantized model whose weight shapes it fills."""
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    return {(k.replace('.weight_packed', '.weight_int8') if k.endswith('.weight_packed') else k):
+            (unpack_ternary(v, shapes[k.replace('.weight_packed', '.weight_int8')]) if k.endswith('.weight_packed') else v)
+            for k, v in state.items()}

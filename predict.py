@@ -5,9 +5,9 @@ Annotate the cells of an .h5ad file with a fine-tuned scBERT.
     python predict.py --ckpt=out/best.pt --input=my_cells.h5ad --output_h5ad=annotated.h5ad --embeddings=cells.npy
     python predict.py --ckpt=finetuned.pth --vocab=gene_panel.txt --label_names=celltypes.txt --input=...   # original scBERT
 
-The checkpoint is ours (train.py's best.pt or ckpt.pt, which carry their gene vocabulary, label names and log base) or an
-original scBERT one, recognised by its keys; then `vocab` and `label_names` must be given. Genes are matched to the
-checkpoint's vocabulary by symbol, and the overlap is reported. Every cell is annotated, in file order: cells with fewer
+The checkpoint is ours (train.py's best.pt or ckpt.pt, or quantize.py's int8 / ternary file, which carry their gene
+vocabulary, label names and log base) or an original scBERT one, recognised by its keys; then `vocab` and `label_names`
+must be given. Genes are matched to the checkpoint's vocabulary by symbol, and the overlap is reported. Every cell is annotated, in file order: cells with fewer
 than min_genes expressed genes are flagged (column scbert_qc_pass of output_h5ad), never dropped. A cell whose top
 probability is below unassigned_threshold is called 'Unassigned' (scBERT's novel-type rule).
 """
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from data import UserError, atomic_write, cell_seeds, expressed_batch, process_h5ad, read_gene_list, scbert_tokens
-from model import ModelConfig, ScBERT, pool, token_valid
+from model import ScBERT, pool, token_valid
 
 # -----------------------------------------------------------------------------
 ckpt = 'out/best.pt'           # our checkpoint from train.py, or an original scBERT checkpoint (.pth)
@@ -63,11 +63,9 @@ except Exception as e:
     raise UserError(f'cannot read checkpoint {ckpt} ({type(e).__name__}); it is corrupt or not a PyTorch checkpoint') from None
 if isinstance(checkpoint, dict) and 'model_args' in checkpoint:          # ours
     try:
-        model = ScBERT(ModelConfig(**checkpoint['model_args']))
-        state = {k.replace('_orig_mod.', '').removeprefix('module.'): v for k, v in checkpoint['model'].items()}
-        model.load_state_dict(state)
+        model = ScBERT.from_checkpoint(checkpoint)      # quantize.py's int8 / packed ternary files included
         genes, classes, log_base = list(checkpoint['vocab']), list(checkpoint['label_names']), checkpoint['log_base']
-    except (KeyError, TypeError, RuntimeError, AssertionError) as e:
+    except (KeyError, TypeError, ValueError, RuntimeError, AssertionError) as e:
         raise UserError(f'{ckpt} is damaged ({type(e).__name__}: {str(e)[:200]})') from None
     if vocab or label_names:
         print('note: vocab and label_names are taken from the checkpoint; the settings are only for original checkpoints')

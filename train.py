@@ -32,10 +32,11 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from data import (Dataset, UserError, atomic_write, cell_seeds, expressed_batch, mask_tokens, scbert_tokens,
-                  split_indices)
+from data import (Dataset, UserError, atomic_write, cell_seeds, expressed_batch, fold_split, mask_tokens,
+                  scbert_tokens)
 from metrics import classification_metrics, fit_logistic_regression, format_metrics_line, plot_confusion, plot_loss
-from model import Classifier, ModelConfig, ScBERT, cosine_loss, distil_student, kd_loss, token_valid
+from model import (Classifier, ModelConfig, ScBERT, as_bitlinear, calibrate_bitlinear, cosine_loss, distil_student,
+                   kd_loss, token_valid)
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -43,6 +44,7 @@ out_dir = 'out'                # checkpoints, metrics.json, loss.png, confusion.
 dataset = 'data/pbmc68k'       # a directory written by prepare_data.py (the default is made from the embedded PBMC data)
 mode = 'finetune'              # 'finetune' (cell-type classifier) | 'pretrain' (masked expression modelling)
 init_from = 'scratch'          # 'scratch' | 'resume' (out_dir/ckpt.pt) | a path to our .pt or to an original scBERT .pth
+                               # ('{fold}' becomes the fold number: each CV fold continues its own fine-tuned model)
 fold = '0'                     # test fold (validation is the next fold), or 'all' for k-fold cross-validation
 test_batch = ''                # test on the cells of this batch (e.g. a donor: --test_batch=mouse2) and train on the
                                # others, validating on their fold `fold` + 1 ('' = test on fold `fold`)
@@ -79,6 +81,10 @@ n_expert = 0                   # > 0: sparse mixture of this many expert MLPs in
 n_expert_active = 2            # experts per token (top-k)
 aux_loss_weight = 0.01         # MoE: weight of Switch's load-balancing loss
 z_loss_weight = 0.0            # MoE: weight of the router z-loss (ST-MoE uses 1e-3)
+bitlinear = False              # BitNet b1.58 quantization-aware training: attention and feed-forward weights ternary
+                               # {-1, 0, +1}·γ, activations int8, through the straight-through estimator; from scratch,
+                               # or a float --init_from converted (its norm gains calibrated). quantize.py packs the result
+calibration_cells = 64         # bitlinear from a float checkpoint: training cells that calibrate the BitLinear norms
 mlm_weight = 1.0               # expressed pretraining: weight of the masked-bin cross-entropy
 regression_weight = 1.0        # expressed pretraining: weight of the masked-value MSE
 # training
@@ -151,6 +157,9 @@ if os.environ.get('NANOSCBERT_DISTILL') and not teacher:   # set by distill.py
 if teacher and mode == 'finetune' and fold == 'all' and '{fold}' not in teacher:
     raise UserError("with fold='all' each fold needs the teacher fine-tuned without its test cells: put {fold} in the "
                     "path, e.g. --teacher='out/fold{fold}/best.pt'")
+if teacher and bitlinear:
+    raise UserError('bitlinear with a teacher is not supported: distil first, then train the student with '
+                    '--init_from=<its best.pt> --bitlinear=True')
 if teacher and init_from not in ('scratch', 'resume'):
     raise UserError(f"with a teacher the student is made from it: use --init_from=scratch (or resume), not '{init_from}'")
 if temperature <= 0 or min(alpha_ce, alpha_mlm, alpha_cos, alpha_mse) < 0 or student_n_embd < 0:
@@ -224,8 +233,8 @@ def clean_state_dict(sd):
     return {k.replace('_orig_mod.', '').removeprefix('module.'): v for k, v in sd.items()}
 
 
-def make_model(fold_dir, teacher_model=None):
-    """The model for this run, from scratch, from a checkpoint, from an original scBERT release, or a student made from
+def make_model(k, fold_dir, train_idx, teacher_model=None):
+    """The model for fold k, from scratch, from a checkpoint, from an original scBERT release, or a student made from
     the teacher. Returns (model, ckpt)."""
     n_classes = len(data.label_names) if mode == 'finetune' else 0
     model_args = dict(n_genes=data.n_genes, n_bins=n_bins, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
@@ -233,12 +242,19 @@ def make_model(fold_dir, teacher_model=None):
                       feature_redraw_interval=feature_redraw_interval, dropout=dropout, n_classes=n_classes,
                       head=head, head_hidden=head_hidden, seed=seed, input_genes=input_genes, value_emb=value_emb,
                       max_genes=max_genes, n_zero_genes=n_zero_genes, n_kv_head=n_kv_head, norm=norm, mlp=mlp,
-                      bias=bias, n_expert=n_expert, n_expert_active=n_expert_active)
-    path = os.path.join(fold_dir, 'ckpt.pt') if init_from == 'resume' else init_from
+                      bias=bias, n_expert=n_expert, n_expert_active=n_expert_active, bitlinear=bitlinear)
+    path = os.path.join(fold_dir, 'ckpt.pt') if init_from == 'resume' else init_from.replace('{fold}', str(k))
     if init_from == 'resume' and fold == 'all' and not os.path.exists(path):
         log(f'{path} not found: this fold starts from scratch')
     elif init_from != 'scratch':
-        return load_model(path, model_args)
+        model, ckpt = load_model(path, model_args, k)
+        if bitlinear and not model.config.bitlinear:               # quantization-aware training from a float model
+            model = as_bitlinear(model)
+            cells = train_idx[:calibration_cells]
+            n = calibrate_bitlinear(model, get_batch(cells, model.config)[0])
+            log(f'bitlinear: {path} converted to BitNet b1.58 linears; {n} norm gains calibrated on {len(cells)} '
+                f'training cells')
+        return model, ckpt
     if teacher_model is not None:
         return make_student(teacher_model), None
     model = ScBERT(ModelConfig(**model_args))
@@ -305,7 +321,7 @@ def make_student(teacher_model):
     return student.cpu()
 
 
-def load_model(path, model_args):
+def load_model(path, model_args, k):
     """The model in a checkpoint (ours, or an original scBERT one), with a fresh classifier when the task differs;
     returns (model, the checkpoint dict when resuming, else None)."""
     n_classes = model_args['n_classes']
@@ -318,6 +334,15 @@ def load_model(path, model_args):
         if ckpt.get('vocab') and list(ckpt['vocab']) != data.vocab:
             raise UserError(f'{path} was trained on another gene vocabulary than {dataset}; prepare the data with '
                             f'--vocab=<that vocab> (train.py writes it to its out_dir/vocab.txt)')
+        if ckpt.get('quantization'):
+            raise UserError(f"{path} is quantized ({ckpt['quantization']}) for inference; train from the float "
+                            f"checkpoint it was made from")
+        if (mode == 'finetune' and ckpt.get('mode') == 'finetune' and init_from != 'resume' and 'fold' in ckpt
+                and ckpt.get('config', {}).get('dataset') == dataset
+                and (ckpt['fold'], ckpt.get('test_batch', '')) != (k, test_batch)):
+            raise UserError(f"{path} was fine-tuned on this dataset with test fold {ckpt['fold']} "
+                            f"{ckpt.get('test_batch') or ''}: it trained on this run's test cells; continue the "
+                            f"checkpoint of fold {k} ({{fold}} in --init_from)")
         args = dict(ckpt['model_args'])
         same_task = init_from == 'resume' or (args['n_classes'] == n_classes and ckpt.get('label_names') == data.label_names)
         if not same_task:                                          # e.g. pretrained -> fine-tune: a fresh classifier
@@ -336,7 +361,7 @@ def load_model(path, model_args):
             raise UserError(f'{path} is damaged ({type(e).__name__}: {str(e)[:200]})') from None
         if unexpected or any(not k.startswith('cls_head.') for k in missing):
             raise UserError(f'{path} does not match its model_args (missing {missing[:3]}, unexpected {unexpected[:3]})')
-        differ = [k for k, v in model_args.items() if k in args and args[k] != v and k not in ('n_classes', 'dropout')]
+        differ = [k for k, v in model_args.items() if k in args and args[k] != v and k not in ('n_classes', 'dropout', 'bitlinear')]
         if differ:                                                 # the architecture is the checkpoint's, say so
             log(f'note: the model comes from {path}; its {", ".join(f"{k}={args[k]}" for k in differ)} replace the settings')
     else:                                                          # the original release's
@@ -572,16 +597,7 @@ def save(path, obj):
 
 def train_fold(k, fold_dir):
     """Train with test fold k (validation fold k+1) into fold_dir; returns the final metrics dict."""
-    train_idx, val_idx, test_idx = split_indices(data.folds, k, n_folds)
-    if test_batch:                # test on one batch (donor), train and validate on the others' folds
-        names = data.meta.get('batch_names') or []
-        if test_batch not in names:
-            raise UserError(f"test_batch '{test_batch}' is not a batch of {dataset} (its batches: "
-                            f"{', '.join(names) or 'none; prepare it with --batch_key=<obs column>'})")
-        held_out = data.batch == names.index(test_batch)
-        test_idx = np.flatnonzero(held_out & (data.labels >= 0))
-        train_idx = np.sort(np.concatenate([train_idx, split_indices(data.folds, k, n_folds)[2]]))
-        train_idx, val_idx = train_idx[~held_out[train_idx]], val_idx[~held_out[val_idx]]
+    train_idx, val_idx, test_idx = fold_split(data, k, test_batch)   # test_batch: test on one batch (donor)
     if mode == 'pretrain':      # no labels to protect: train on every fold but the validation one
         train_idx, val_idx, test_idx = np.sort(np.concatenate([train_idx, test_idx])), val_idx, None
     if len(train_idx) == 0 or len(val_idx) == 0 or (test_idx is not None and len(test_idx) == 0):
@@ -591,7 +607,7 @@ def train_fold(k, fold_dir):
         np.sort(np.random.default_rng(seed).choice(val_idx, eval_cells, replace=False))
     teacher_model, teacher_path = load_teacher(k, fold_dir) if teacher else (None, None)
     torch.manual_seed(seed)
-    model, ckpt = make_model(fold_dir, teacher_model)               # the inputs are checked before any output
+    model, ckpt = make_model(k, fold_dir, train_idx, teacher_model)  # the inputs are checked before any output
     if master:
         os.makedirs(fold_dir, exist_ok=True)
         with atomic_write(os.path.join(fold_dir, 'vocab.txt')) as tmp, open(tmp, 'w') as f:

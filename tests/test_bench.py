@@ -24,7 +24,7 @@ TINY = dict(n_genes=64, n_embd=16, n_layer=2, n_head=2, dim_head=8)
 TINY_ARGS = [f'--{k}={v}' for k, v in TINY.items()] + ['--n_kv_head=1', '--dataset=', '--num_threads=1',
                                                       '--peak_flops=1e11']
 VARIANTS = ['scbert', 'scbert_exact', 'scbert2_dense', 'scbert2_gqa', 'scbert2_moe', 'scbert2_small',
-            'scbert2_gqa+bf16', 'scbert2_distilled', 'int8', 'scbert2_small+ternary']
+            'scbert2_gqa+bf16', 'scbert2_distilled', 'scbert2_small+int8', 'scbert2_small+ternary']
 MEASURED = VARIANTS[:8]
 
 
@@ -120,9 +120,17 @@ def test_variants_differ_in_the_one_thing_they_name(report):
     assert v['scbert2_moe']['params_active'] < v['scbert2_moe']['params']
     assert v['scbert2_gqa+bf16']['dtype'] == 'bfloat16' and v['scbert2_gqa']['dtype'] == 'float32'
     assert v['scbert2_gqa+bf16']['params'] == v['scbert2_gqa']['params']
-    for name in ('int8', 'scbert2_small+ternary'):                                  # not built yet: a note each
-        assert v[name]['skipped'] and v[name]['notes'] == [v[name]['skipped']]
-    assert 'quantize.py' in v['int8']['skipped']
+    small, int8, ternary = v['scbert2_small'], v['scbert2_small+int8'], v['scbert2_small+ternary']
+    assert (small['quantization'], int8['quantization'], ternary['quantization']) == (None, 'int8', 'ternary')
+    assert int8['params'] == small['params'] < ternary['params']                     # + BitLinear's norm gains
+    assert int8['flops_per_cell'] == small['flops_per_cell'] and int8['model_config'] == small['model_config']
+    assert ternary['model_config']['bitlinear'] and not int8['model_config']['bitlinear']
+    assert ternary['weights_mb'] < int8['weights_mb'] < small['weights_mb']           # 1.6 bits < 8 bits < 32 bits
+    for q in (int8, ternary):                                   # inference only, timed; no FLOP counter for int8 ops
+        assert q['train'] is None and 'flop_check' not in q
+        for run in q['inference'][:2]:
+            check_run(run, run['batch_size'], run['flops_per_cell'])
+        assert any('inference only' in n for n in q['notes']) and any('flop_counter' in n for n in q['notes'])
 
 
 @pytest.mark.parametrize('name', MEASURED)
@@ -175,6 +183,7 @@ def test_help_and_bad_settings(tmp_path):
     bad = tmp_path / 'bad.pt'
     bad.write_bytes(b'not a checkpoint')
     for args, expected in ((['--variants=scbert,nope'], "'nope'"), (['--variants=scbert+fast'], "'+fast'"),
+                           (['--variants=int8'], 'scbert+int8'), (['--variants=scbert+int8+bf16'], 'fp32'),
                            (['--variants=missing/ckpt.pt'], 'not found'), ([f'--variants={bad}'], 'cannot load'),
                            (['--variants=scbert,scbert'], 'once'), (['--batch_sizes=1,x'], 'batch_sizes'),
                            (['--dataset=nowhere'], 'prepared dataset'), (['--device=gpu'], "'gpu'"),

@@ -1,0 +1,240 @@
+"""Quantization: int8 and BitNet b1.58 ternary. The quantizers' error bounds and values, the packing round trip, the
+straight-through gradients, PyTorch's int8 kernel against the reference arithmetic, and quantize.py / train.py
+--bitlinear / predict.py end to end on the 78 real Baron cells: logits stay close to the float model's, and the
+quantized files load with weights_only=True."""
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from data import Dataset, classify_input, fold_split
+from model import (BitLinear, ModelConfig, QuantLinear, ScBERT, absmax_int8, absmean_ternary, as_bitlinear,
+                   calibrate_bitlinear, fake_quant, int8_gemm_available, pack_ternary, packed_state_dict, quantize,
+                   unpack_ternary)
+from test_distill import SMALL, V2
+from test_train import ROOT, run, state, user_error
+
+SCBERT_CFG = dict(n_genes=30, n_embd=32, n_layer=2, n_head=4, dim_head=8, n_classes=3)
+V2_CFG = dict(SCBERT_CFG, input_genes='expressed', attention='sdpa', n_kv_head=2, norm='rmsnorm', mlp='swiglu',
+              bias=False, n_expert=4, head='cls', value_emb='continuous', n_bins=7)
+
+
+def inputs(cfg, n=6):
+    g = torch.Generator().manual_seed(1)
+    if cfg.get('input_genes') != 'expressed':
+        return torch.randint(0, 6, (n, cfg['n_genes'] + 1), generator=g)
+    genes = torch.stack([torch.randperm(cfg['n_genes'], generator=g)[:12] for _ in range(n)])
+    genes[0, 8:] = -1                                                  # padding
+    return {'genes': genes, 'values': torch.rand(n, 12, generator=g) * 3, 'bins': torch.randint(1, 7, (n, 12), generator=g)}
+
+
+def clone(model):
+    copy = ScBERT(model.config)
+    copy.load_state_dict(model.state_dict())
+    return copy.eval()
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def test_absmax_int8_error_is_at_most_half_a_step():
+    x = torch.randn(50, 64) * torch.logspace(-3, 2, 50)[:, None]        # rows of very different scales
+    q, scale = absmax_int8(x)
+    assert q.dtype == torch.int8 and q.abs().max() <= 127 and scale.shape == (50, 1)
+    assert torch.equal(q.abs().amax(1), torch.full((50,), 127, dtype=torch.int8))   # each row uses the whole grid
+    assert ((q.float() * scale - x).abs() <= scale / 2 + 1e-6 * x.abs()).all()
+    assert torch.equal(absmax_int8(torch.zeros(3, 4))[0], torch.zeros(3, 4, dtype=torch.int8))
+
+
+def test_absmean_ternary_values_and_scale():
+    w = torch.randn(3, 16, 8)                                          # stacked experts: one γ each
+    q, gamma = absmean_ternary(w)
+    assert q.dtype == torch.int8 and set(q.unique().tolist()) == {-1, 0, 1}
+    assert torch.allclose(gamma.flatten(), w.abs().mean((1, 2)))
+    assert torch.equal(q, torch.round(w / gamma).clamp(-1, 1).to(torch.int8))
+    # RoundClip: |w| below γ/2 -> 0, above 3γ/2 -> ±1
+    w2 = torch.tensor([[0.1, -0.4, 0.6, -2.0, 5.0, 0.0]])
+    q2, g2 = absmean_ternary(w2)
+    assert torch.equal(q2, torch.round(w2 / g2).clamp(-1, 1).to(torch.int8)) and g2.item() == pytest.approx(8.1 / 6)
+    assert q2.tolist() == [[0, 0, 0, -1, 1, 0]]
+
+
+@pytest.mark.parametrize('n', [1, 4, 5, 6, 999, 1000])
+def test_pack_unpack_round_trip_is_exact(n):
+    q = torch.randint(-1, 2, (n,), generator=torch.Generator().manual_seed(n)).to(torch.int8)
+    packed = pack_ternary(q)
+    assert packed.dtype == torch.uint8 and packed.numel() == -(-n // 5) and int(packed.max()) < 243
+    assert torch.equal(unpack_ternary(packed, (n,)), q)
+    w = torch.randint(-1, 2, (7, 13), dtype=torch.int8)                # any shape; 91 weights -> 19 bytes
+    assert torch.equal(unpack_ternary(pack_ternary(w), w.shape), w) and pack_ternary(w).numel() == 19
+    assert pack_ternary(torch.tensor([1, 0, -1, 1, 1], dtype=torch.int8)).item() == 2 + 1 * 3 + 0 * 9 + 2 * 27 + 2 * 81
+
+
+def test_straight_through_gradients_flow():
+    x = torch.randn(4, 8, requires_grad=True)
+    g = torch.randn(4, 8)
+    (fake_quant(x, absmax_int8) * g).sum().backward()
+    assert torch.equal(x.grad, g)                                      # the rounding is the identity backwards
+    layer = BitLinear(8, 5)
+    w_q = absmean_ternary(layer.weight.detach())
+    out = layer(x.detach())
+    assert torch.allclose(out, F.linear(fake_quant(layer.norm(x.detach()), absmax_int8), w_q[0] * w_q[1], layer.bias))
+    out.pow(2).sum().backward()
+    assert layer.weight.grad.abs().sum() > 0 and layer.bias.grad.abs().sum() > 0 and layer.norm.weight.grad.abs().sum() > 0
+    # a bitlinear model trains: every latent weight gets a gradient, MoE experts included
+    torch.manual_seed(0)
+    model = ScBERT(ModelConfig(**V2_CFG, bitlinear=True))
+    _, loss = model(inputs(V2_CFG), torch.tensor([0, 1, 2, 0, 1, 2]))
+    loss.backward()
+    for name in ('blocks.0.attn.to_q.weight', 'blocks.1.mlp.w1', 'blocks.1.mlp.w2', 'blocks.0.mlp.norm_hidden.weight'):
+        assert model.get_parameter(name).grad.abs().sum() > 0, name
+
+
+@pytest.mark.skipif(not int8_gemm_available(), reason="PyTorch's x86/fbgemm int8 engine is not available")
+@pytest.mark.parametrize('ternary', [False, True])
+def test_int8_kernel_matches_the_reference_arithmetic(ternary):
+    torch.manual_seed(0)
+    x = torch.randn(2, 40, 64) * torch.logspace(-2, 1, 40)[None, :, None]  # tokens of very different scales
+    w = torch.randn(48, 64) * 0.05
+    bias = torch.randn(48) * 0.1
+    layer = QuantLinear.from_float(w, bias, ternary=ternary)
+    assert set(layer.weight_int8.unique().tolist()) <= ({-1, 0, 1} if ternary else set(range(-127, 128)))
+    fast = layer(x)
+    layer.kernel = 'reference'
+    ref = layer(x)
+    w_deq = layer.weight_int8.float() * layer.weight_scale[:, None]
+    exact = F.linear(x, w_deq, bias)                                   # the quantized weights, float activations
+    # per token the activation error is ~1/2 step of the token's own absmax: every token is close, small or large
+    for a, tol in ((ref, 0.01), (fast, 0.03 if not ternary else 0.015)):    # the kernel: 7-bit (int8) / 8-bit activations
+        per_token = ((a - exact).norm(dim=-1) / exact.norm(dim=-1))
+        assert per_token.max() < tol, per_token.max()
+    if not ternary:
+        assert rel_err(ref, F.linear(x, w, bias)) < 0.01               # int8 weights are near the float ones
+
+
+@pytest.mark.parametrize('cfg', [SCBERT_CFG, V2_CFG], ids=['scbert', 'scbert2_moe'])
+def test_quantize_replaces_every_attention_and_feed_forward_matrix(cfg):
+    torch.manual_seed(0)
+    model = ScBERT(ModelConfig(**cfg)).eval()
+    x = inputs(cfg)
+    ref = model(x)[0]
+    q = quantize(clone(model), 'int8')
+    experts = cfg.get('n_expert', 0)
+    per_block = 4 + (3 * experts if experts else 2)                    # to_q/k/v/out + w1, w2 (+ w3, per expert)
+    assert len(q.quantized_linears()) == cfg['n_layer'] * per_block
+    assert not any(isinstance(m, torch.nn.Linear) for b in q.blocks for m in (b.attn.to_q, b.attn.to_out))
+    assert isinstance(q.lm_head, torch.nn.Linear) and isinstance(q.cls_head.fc3, torch.nn.Linear)   # heads stay float
+    assert q.num_params() == model.num_params() and q.num_active_params() == model.num_active_params()
+    assert rel_err(q(x)[0], ref) < 0.02
+    with pytest.raises(ValueError, match='bitlinear'):
+        quantize(clone(model), 'ternary')
+    # post-training ternary: calibrated norms start near the float model; the packed model is the fake-quantized one
+    bit = as_bitlinear(model)
+    assert calibrate_bitlinear(bit, x) == cfg['n_layer'] * 6        # 4 attention + w1, w2 (MoE: norm_in, norm_hidden)
+    fake = bit.eval()(x)[0]
+    tern = quantize(clone(bit), 'ternary')
+    for layer in tern.quantized_linears():
+        assert set(layer.weight_int8.unique().tolist()) <= {-1, 0, 1} and layer.weight_scale.numel() == 1
+        layer.kernel = 'reference'
+    assert rel_err(tern(x)[0], fake) < 1e-4
+
+
+def test_a_quantized_state_dict_saves_and_loads_with_weights_only(tmp_path):
+    torch.manual_seed(0)
+    for scheme in ('int8', 'ternary'):
+        model = ScBERT(ModelConfig(**V2_CFG, bitlinear=scheme == 'ternary')).eval()
+        q = quantize(model, scheme)
+        sd = packed_state_dict(q)
+        assert any(k.endswith('weight_packed') for k in sd) == (scheme == 'ternary')
+        path = tmp_path / f'{scheme}.pt'
+        torch.save({'model': sd, 'model_args': q.config.__dict__, 'quantization': scheme}, path)
+        loaded = ScBERT.from_checkpoint(torch.load(path, weights_only=True)).eval()
+        assert loaded.quantization == scheme
+        x = inputs(V2_CFG)
+        assert torch.equal(loaded(x)[0], q(x)[0])
+
+
+@pytest.fixture(scope='module')
+def finetuned(baron, tmp_path_factory):
+    """A small scBERT 2.0 (2 blocks, MoE) fine-tuned on the Baron cells, test fold 0."""
+    out = tmp_path_factory.mktemp('float')
+    run('train.py', f'--dataset={baron}', f'--out_dir={out}', *SMALL, *V2, '--n_layer=2', '--max_iters=40',
+        '--eval_interval=20', '--learning_rate=3e-3', '--warmup_iters=2')
+    return out / 'best.pt'
+
+
+def test_quantize_py_int8_on_real_cells(baron, finetuned, tmp_path):
+    """int8: on real cells the logits stay close to fp32's and the predictions agree; the file loads with
+    weights_only=True (plain tensors, no pickled objects) and predict.py annotates with it."""
+    out, summary = tmp_path / 'int8.pt', tmp_path / 'q.json'
+    result = run('quantize.py', f'--ckpt={finetuned}', f'--out={out}', f'--summary={summary}', '--num_threads=1')
+    assert 'test fold 0' in result.stdout and 'int8' in result.stdout
+    report = json.loads(summary.read_text())['folds'][0]
+    assert report['method'] == 'post-training' and report['agreement'] >= 0.9
+    assert abs(report['float']['macro_f1'] - report['quantized']['macro_f1']) < 0.1
+    assert report['linear_ratio'] > 3 and report['file_bytes'] < report['file_bytes_float']
+    ckpt = torch.load(out, weights_only=True)
+    assert ckpt['quantization'] == 'int8' and ckpt['source'] == str(finetuned) and ckpt['fold'] == 0
+    float_model = ScBERT.from_checkpoint(state(finetuned)).eval()
+    int8_model = ScBERT.from_checkpoint(ckpt).eval()
+    data = Dataset(baron)
+    x = classify_input(data, fold_split(data, 0)[2], float_model.config)
+    with torch.no_grad():
+        a, b = float_model(x)[0], int8_model(x)[0]
+    assert rel_err(b, a) < 0.05 and (a.argmax(1) == b.argmax(1)).float().mean() >= 0.9
+    run('predict.py', f'--ckpt={out}', f'--input={ROOT.parent / "shared/data/fixtures/counts_csr.h5ad"}',
+        f'--output={tmp_path / "p.csv"}')
+    assert len((tmp_path / 'p.csv').read_text().splitlines()) == 79
+
+
+def test_bitlinear_training_then_packed_ternary(baron, finetuned, tmp_path):
+    """train.py --bitlinear=True from a float checkpoint: the norms are calibrated, training runs on ternary weights,
+    and quantize.py packs exactly what trained: the packed file's logits are the QAT model's (fake-quantized)."""
+    qat = tmp_path / 'qat'
+    result = run('train.py', f'--dataset={baron}', f'--out_dir={qat}', f'--init_from={finetuned}', '--bitlinear=True',
+                 '--num_threads=1', '--batch_size=8', '--baseline=False', '--max_iters=10', '--eval_interval=5',
+                 '--learning_rate=1e-3', '--warmup_iters=2')
+    assert 'norm gains calibrated' in result.stdout
+    ckpt = state(qat / 'best.pt')
+    assert ckpt['model_args']['bitlinear'] and 'blocks.0.attn.to_q.norm.weight' in ckpt['model']
+    out = tmp_path / 't.pt'
+    result = run('quantize.py', f'--ckpt={qat / "best.pt"}', '--scheme=ternary', f'--out={out}', '--num_threads=1',
+                 f'--summary={tmp_path / "t.json"}')
+    report = json.loads((tmp_path / 't.json').read_text())['folds'][0]
+    assert report['method'].startswith('QAT') and report['agreement'] >= 0.9 and report['linear_ratio'] > 10
+    packed = torch.load(out, weights_only=True)
+    assert packed['quantization'] == 'ternary' and not any(k.endswith('weight_int8') for k in packed['model'])
+    bit, tern = ScBERT.from_checkpoint(ckpt).eval(), ScBERT.from_checkpoint(packed).eval()
+    for layer in tern.quantized_linears():
+        layer.kernel = 'reference'
+    data = Dataset(baron)
+    x = classify_input(data, np.arange(data.n_cells), bit.config)
+    with torch.no_grad():
+        assert rel_err(tern(x)[0], bit(x)[0]) < 1e-3
+
+
+def test_bad_quantization_input(baron, finetuned, tmp_path):
+    qat_like = tmp_path / 'bit.pt'
+    ckpt = state(finetuned)
+    bit = as_bitlinear(ScBERT.from_checkpoint(ckpt))
+    torch.save(dict(ckpt, model=bit.state_dict(), model_args=bit.config.__dict__), qat_like)
+    run('quantize.py', f'--ckpt={finetuned}', f'--out={tmp_path / "q.pt"}', '--evaluate=False')
+    for args, pattern in (([f'--ckpt={tmp_path / "none.pt"}'], 'not found'),
+                          ([f'--ckpt={finetuned}', '--scheme=int4'], 'int8 or ternary'),
+                          ([f'--ckpt={qat_like}'], 'use --scheme=ternary'),
+                          ([f'--ckpt={tmp_path / "q.pt"}', f'--out={tmp_path / "q2.pt"}'], 'already quantized'),
+                          ([f'--ckpt={finetuned}', f'--out={finetuned}'], 'overwrite'),
+                          ([f'--ckpt={finetuned}', '--fold=all'], '{fold}'),
+                          ([f'--ckpt={finetuned}', '--fold=2'], 'test fold 0'),
+                          ([f'--ckpt={finetuned}', f'--out={tmp_path / "no" / "q.pt"}'], 'folder')):
+        user_error(run('quantize.py', *args, check=False), pattern)
+    # a quantized file is for inference: train.py refuses to start from it
+    user_error(run('train.py', f'--dataset={baron}', f'--init_from={tmp_path / "q.pt"}', f'--out_dir={tmp_path / "o"}',
+                   check=False), 'quantized')
+    user_error(run('distill.py', f'--dataset={baron}', f'--teacher={finetuned}', '--bitlinear=True',
+                   f'--out_dir={tmp_path / "o"}', check=False), 'bitlinear with a teacher')
+    assert not (tmp_path / 'o').exists()
+    assert 'calibration_cells' in run('quantize.py', '--help').stdout
