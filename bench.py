@@ -98,7 +98,7 @@ n_layer = 0                    # transformer blocks for every variant (0 = each 
 n_head = 0                     # attention heads for every variant (0 = each variant's own)
 n_kv_head = 0                  # key/value heads of the GQA variants (0 = each variant's own)
 dim_head = 0                   # width per head for every variant (0 = each variant's own)
-n_classes = 10                 # classifier outputs
+n_classes = 10                 # classifier outputs (0 = a pretrained model: the MLM head, trained by masked modelling)
 batch_sizes = '1,8'            # inference batch sizes, comma-separated
 train_batch_size = 8           # cells per training step
 train = True                   # also time training steps (forward + backward + AdamW)
@@ -198,9 +198,9 @@ batch_list = int_list(batch_sizes, 'batch_sizes')
 sweep_genes, sweep_panels = int_list(scaling_genes, 'scaling_genes'), int_list(scaling_panels, 'scaling_panels')
 if train_batch_size < 1 or repeats < 1 or warmup < 0 or scaling_batch < 1 or not 0 < expressed_frac <= 1:
     raise UserError("train_batch_size, scaling_batch and repeats must be >= 1, warmup >= 0, 0 < expressed_frac <= 1")
-if min(n_embd, n_layer, n_head, n_kv_head, dim_head, num_threads) < 0 or n_classes < 1 or n_genes < 1:
+if min(n_embd, n_layer, n_head, n_kv_head, dim_head, num_threads, n_classes) < 0 or n_genes < 1:
     raise UserError("n_embd, n_layer, n_head, n_kv_head, dim_head and num_threads must be >= 0 (0 = the default), "
-                    "n_classes and n_genes >= 1")
+                    "n_classes >= 0, n_genes >= 1")
 for path in (out, plot, scaling_plot):   # fail now, not after the whole benchmark has run
     folder = os.path.dirname(os.path.abspath(path)) if path else ''
     if path and (os.path.isdir(path) or not os.path.isdir(folder)):
@@ -627,6 +627,9 @@ def bench_variant(spec, cells, batches, train_batch, max_genes=None, extras=True
     name, dt = spec['name'], spec['dtype']
     raw_model, cells, notes = build(spec, cells)
     mc = raw_model.config
+    if raw_model.quantization and device_type == 'cpu' and dt != 'float32':
+        raise UserError(f"{name}: a quantized model runs PyTorch's int8 GEMM on CPU, which takes fp32 activations; "
+                        f"drop +{ {v: k for k, v in DTYPES.items()}[dt]} or set --dtype=float32")
     if raw_model.quantization:
         notes.append('quantized: inference only; its int8 multiply-adds count as FLOPs, against the fp32 peak')
         train_batch = 0

@@ -33,6 +33,10 @@ on GPU), RMSNorm (llama), SwiGLU (Shazeer 2020), bias-free linears, and a sparse
 
 Distillation (DistilBERT, Sanh et al. 2019) needs three small pieces here: distil_student (a student from every other
 teacher layer), kd_loss (soft targets, with T²) and cosine_loss (hidden states); train.py combines them.
+
+Quantization, last: int8 (absmax per weight row and per token) and BitNet b1.58 (Ma et al. 2024: ternary weights,
+int8 activations). BitLinear trains through them (bitlinear=True, quantization-aware), QuantLinear runs inference from
+int8 storage, quantize() swaps them in, and pack_ternary stores five ternary weights per byte.
 """
 import math
 import re
@@ -265,10 +269,11 @@ class MoE(nn.Module):
     @staticmethod
     def expert_matmul(x, w, counts, norm=None):
         """x (N, in), rows grouped by expert with counts (E,) -> (N, out): row block e times w[e]ᵀ."""
+        x = x if norm is None else norm(x)                   # BitNet: BitLinear's norm (bitlinear=True)
         if isinstance(w, nn.ModuleList):                      # quantized for inference: a QuantLinear per expert
             return torch.cat([w[e](xe) for e, xe in enumerate(x.split(counts.tolist()))])
-        if norm is not None:                                  # BitNet QAT: BitLinear's recipe, one γ per expert
-            x, w = fake_quant(norm(x), absmax_int8), fake_quant(w, absmean_ternary)
+        if norm is not None:                                  # BitNet QAT: BitLinear's quantizers, one γ per expert
+            x, w = fake_quant(x, absmax_int8), fake_quant(w, absmean_ternary)
         if x.is_cuda and torch.is_autocast_enabled('cuda') and torch.cuda.get_device_capability(x.device) >= (8, 0):
             # one kernel for every expert; it takes bf16 on sm80+ GPUs (autocast does not cast its inputs for us)
             bf16 = torch.bfloat16
@@ -740,9 +745,10 @@ class QuantLinear(nn.Module):
 
     kernel 'auto' on CPU runs PyTorch's int8 GEMM (the x86/fbgemm engine's quantized::linear_dynamic). That kernel
     quantizes its input per tensor, so each token is first divided by its own absmax: every token then spans [-1, 1],
-    and the per-tensor grid is a per-token one; the output is multiplied back. int8 weights need reduce_range (7-bit
-    activations: the kernel's u8·s8 pair sums overflow int16 otherwise); ternary weights cannot overflow and keep 8 bits.
-    Elsewhere (GPU), or kernel='reference', the same arithmetic in floating point: integer-valued operands, exact products."""
+    and the per-tensor grid is a per-token one; the output is multiplied back. The kernel's grid is asymmetric (uint8
+    with a zero point), and int8 weights need reduce_range, which halves it to 128 levels (its u8·s8 pair sums overflow
+    int16 otherwise): a step of 2·absmax/127, twice the reference's. Ternary weights cannot overflow: 255 levels.
+    Elsewhere (GPU), or kernel='reference', symmetric ±127 in fp32 arithmetic: integer-valued operands, exact products."""
     def __init__(self, in_features, out_features, bias=True, ternary=False, norm=False):
         super().__init__()
         self.ternary, self.kernel, self._packed = ternary, 'auto', None
@@ -772,17 +778,19 @@ class QuantLinear(nn.Module):
         if self.norm is not None:
             x = self.norm(x)
         shape, x = x.shape, x.reshape(-1, x.shape[-1])
-        s = x.abs().amax(-1, keepdim=True).clamp(min=1e-8)    # (N, 1): each token's absmax
+        s = x.abs().amax(-1, keepdim=True).float().clamp(min=1e-8)    # (N, 1): each token's absmax
         if self.kernel == 'auto' and x.device.type == 'cpu' and x.dtype == torch.float32 and int8_gemm_available():
             if self._packed is None:
                 self._packed = pack_for_int8_gemm(self.weight_int8, self.weight_scale)
             y = torch.ops.quantized.linear_dynamic(x / s, self._packed, not self.ternary).mul_(s)
-        else:
-            q = torch.round(x * (127 / s)).clamp(-127, 127)   # the token's int8 values, held as floats
-            y = F.linear(q, self.weight_int8.to(x.dtype)) * (s / 127) * self.weight_scale.to(x.dtype)
+        else:                   # in fp32 whatever the autocast: 127² · in_features overflows fp16
+            with torch.autocast(x.device.type, enabled=False):
+                x32, s32 = x.float(), s.float()
+                q = torch.round(x32 * (127 / s32)).clamp(-127, 127)   # the token's int8 values, held as floats
+                y = (F.linear(q, self.weight_int8.float()) * (s32 / 127) * self.weight_scale).to(x.dtype)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
-        return y.view(*shape[:-1], -1)
+        return y.view(*shape[:-1], len(self.weight_int8))    # (an expert may get no tokens: 0 rows)
 
 
 def int8_gemm_available():
@@ -815,11 +823,8 @@ def quantize(model, scheme):
                 if isinstance(w, nn.Linear):
                     setattr(layer, name, QuantLinear.from_float(w.weight, w.bias, ternary, getattr(w, 'norm', None)))
                 elif isinstance(w, nn.Parameter):             # stacked experts (E, out, in) -> one QuantLinear each
-                    norm = layer.norm_hidden if name == 'w2' else layer.norm_in
-                    delattr(layer, name)
-                    setattr(layer, name, nn.ModuleList(QuantLinear.from_float(we, None, ternary, norm) for we in w))
-        if isinstance(block.mlp, MoE):
-            block.mlp.norm_in = block.mlp.norm_hidden = None  # now inside each expert's QuantLinear
+                    delattr(layer, name)                      # (their BitLinear norms stay in the MoE, shared)
+                    setattr(layer, name, nn.ModuleList(QuantLinear.from_float(we, None, ternary) for we in w))
     model.quantization = scheme
     return model.eval().requires_grad_(False)
 
@@ -835,19 +840,25 @@ def as_bitlinear(model):
 
 
 @torch.no_grad()
-def calibrate_bitlinear(model, x):
-    """Set every BitLinear norm's gain to the RMS its input has on the batch x: the norm then hands the quantizer
-    what the float weights were trained on, up to each token's own scale. Layer by layer in one pass: each norm is set
-    before it runs, so the layers after it see calibrated inputs."""
+def calibrate_bitlinear(model, batches):
+    """Set every BitLinear norm's gain to the RMS of its input over the batches (model inputs): the norm then hands
+    the quantizer inputs of the size the float weights were trained on, up to each token's own scale. Layer by layer:
+    each norm's gain is updated before it runs, so the layers after it see calibrated inputs. Returns the norm count."""
     norms = [m.norm for m in model.modules() if isinstance(m, BitLinear)]
     norms += [n for m in model.modules() if isinstance(m, MoE) and m.norm_in is not None for n in (m.norm_in, m.norm_hidden)]
+    sums = {norm: [0.0, 0] for norm in norms}                 # sum of squares, count, over every batch so far
     def set_gain(norm, args):
-        if len(args[0]):
-            norm.weight.fill_(float(args[0].float().pow(2).mean().sqrt()))
+        x = args[0].float()
+        sums[norm][0] += float(x.pow(2).sum())
+        sums[norm][1] += x.numel()
+        if sums[norm][1]:
+            norm.weight.fill_(math.sqrt(sums[norm][0] / sums[norm][1]))
     hooks = [norm.register_forward_pre_hook(set_gain) for norm in norms]
     was_training = model.training
     try:
-        model.eval()(x)
+        model.eval()
+        for x in batches:
+            model(x)
     finally:
         for hook in hooks:
             hook.remove()

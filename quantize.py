@@ -7,11 +7,12 @@ Quantize a checkpoint for inference: int8, or BitNet b1.58's ternary weights pac
     python quantize.py --ckpt='out-s2-baron1k/fold{fold}/best.pt' --fold=all --summary=results/q.json   # every CV fold
 
 int8: every attention and feed-forward matrix (MoE experts included) becomes int8 with one absmax scale per output
-row; at run time each token's activations are quantized to int8 with their own absmax scale, and on CPU the product
-runs in PyTorch's int8 GEMM (model.QuantLinear). ternary: BitNet b1.58 (Ma et al. 2024): weights {-1, 0, +1} times one
-absmean scale per matrix, after an RMSNorm, activations int8 per token. A model trained with train.py --bitlinear=True
-is converted exactly as it trained; a float model gets BitLinear's norms added, their gains calibrated on
-calibration_cells training cells (post-training, so expect a large drop: that is what QAT is for). Embeddings, norms,
+row; at run time each token's activations are quantized with their own absmax scale, and on CPU the product runs in
+PyTorch's int8 GEMM (model.QuantLinear; its activation grid is 7-bit there, see QuantLinear). ternary: BitNet b1.58
+(Ma et al. 2024): weights {-1, 0, +1} times one absmean scale per matrix, after an RMSNorm, activations quantized per
+token. A model trained with train.py --bitlinear=True keeps exactly the ternary weights it trained with (on CPU the
+kernel's activation grid differs a little from training's symmetric ±127); a float model gets BitLinear's norms added,
+their gains calibrated on calibration_cells random training cells: post-training, for comparison with QAT. Embeddings, norms,
 the router, FAVOR+'s features and the heads stay fp32. Ternary weights are stored five to a byte (base 3) and unpacked
 exactly when the checkpoint loads: predict.py, bench.py and ScBERT.from_checkpoint run the file as it is.
 
@@ -38,7 +39,7 @@ fold = ''                      # 'all': every fold, {fold} in ckpt and out repla
                                # checkpoint's test fold when it does not record one ('' = the checkpoint's own)
 dataset = ''                   # prepared dataset to calibrate and score on ('' = the one the checkpoint trained on)
 evaluate = True                # score the float and the quantized model on the checkpoint's test fold
-calibration_cells = 64         # post-training ternary: training cells that set the BitLinear norm gains
+calibration_cells = 256        # post-training ternary: training cells (a random sample) that set the norm gains
 vocab = ''                     # original scBERT only: its gene panel, one symbol per line (stored for predict.py)
 label_names = ''               # original scBERT only: its class names, one per line
 batch_size = 64                # cells per forward pass when scoring
@@ -113,6 +114,8 @@ def quantize_one(path, k, out_path):
         raise UserError(f'{path} was trained with bitlinear=True (ternary): use --scheme=ternary')
     meta = {key: checkpoint[key] for key in ('vocab', 'label_names', 'log_base', 'mode', 'fold', 'test_batch', 'config')
             if key in checkpoint}
+    if 'test_batch' not in meta and meta.get('config', {}).get('test_batch'):    # an older ckpt.pt keeps it in config
+        meta['test_batch'] = meta['config']['test_batch']
     if not ours:                                              # the original's: its panel and classes from files
         if not vocab or (model.cls_head is not None and not label_names):
             raise UserError(f'{path} is an original scBERT checkpoint: also set --vocab=<gene panel file>'
@@ -141,6 +144,8 @@ def quantize_one(path, k, out_path):
             split = fold_split(data, int(k), meta.get('test_batch', ''))
         elif needs_calibration:
             raise UserError(f'{path} does not record its test fold, whose cells calibration must not see: set --fold=N')
+        else:
+            print(f'note: {path} does not record its test fold, so it is not scored: set --fold=N to score it')
     report = {'ckpt': path, 'out': out_path, 'scheme': scheme, 'fold': k,
               'method': 'QAT (bitlinear=True)' if qat else 'post-training'}
     if data is not None and split is not None and evaluate and model.cls_head is not None:
@@ -148,8 +153,9 @@ def quantize_one(path, k, out_path):
 
     if needs_calibration:
         model = as_bitlinear(model)
-        cells = split[0][:calibration_cells]
-        calibrate_bitlinear(model, classify_input(data, cells, model.config))
+        cells = np.sort(np.random.default_rng(0).choice(split[0], min(calibration_cells, len(split[0])), replace=False))
+        calibrate_bitlinear(model, (classify_input(data, cells[i:i + batch_size], model.config)
+                                    for i in range(0, len(cells), batch_size)))
         report['calibration_cells'] = len(cells)
     quantize(model, scheme)
     n_quantized = sum(m.weight_int8.numel() for m in model.quantized_linears())
@@ -185,7 +191,8 @@ if fold == 'all':
         raise UserError(f'checkpoint {first} not found (set --ckpt=<out_dir>/fold{{fold}}/best.pt)')
     jobs = [(ckpt.replace('{fold}', str(k)), k, (out or default_out(ckpt)).replace('{fold}', str(k))) for k in range(n_folds)]
 else:
-    jobs = [(ckpt, int(fold) if fold else None, out or default_out(ckpt))]
+    path = ckpt.replace('{fold}', fold) if fold else ckpt            # --fold=N picks one fold of a CV run
+    jobs = [(path, int(fold) if fold else None, (out or default_out(path)).replace('{fold}', fold or '{fold}'))]
 for path, _, out_path in jobs:
     if os.path.abspath(out_path) == os.path.abspath(path):
         raise UserError(f'--out would overwrite the float checkpoint {path}: choose another path')

@@ -9,6 +9,7 @@ Pretrain scBERT by masked expression modelling, or fine-tune it to annotate cell
     python train.py config/scbert2_small.py                       # scBERT 2.0: expressed genes, GQA, SwiGLU, MoE
     python train.py config/finetune_baron.py --test_batch=mouse2  # train on one donor, test on the other
     python train.py --teacher=out/best.pt --out_dir=out-student   # distil into a half-depth student (see distill.py)
+    python train.py --bitlinear=True --init_from=out/best.pt --out_dir=out-qat   # BitNet b1.58 QAT (then quantize.py)
     torchrun --nproc_per_node=8 train.py config/scbert2.py        # DDP: nccl on CUDA, gloo on CPU
 
 Folds: the test fold is `fold`, the validation fold is the next one, the rest train. The validation fold picks the best
@@ -84,7 +85,8 @@ z_loss_weight = 0.0            # MoE: weight of the router z-loss (ST-MoE uses 1
 bitlinear = False              # BitNet b1.58 quantization-aware training: attention and feed-forward weights ternary
                                # {-1, 0, +1}·γ, activations int8, through the straight-through estimator; from scratch,
                                # or a float --init_from converted (its norm gains calibrated). quantize.py packs the result
-calibration_cells = 64         # bitlinear from a float checkpoint: training cells that calibrate the BitLinear norms
+calibration_cells = 256        # bitlinear from a float checkpoint: training cells (a random sample) that calibrate
+                               # the BitLinear norm gains
 mlm_weight = 1.0               # expressed pretraining: weight of the masked-bin cross-entropy
 regression_weight = 1.0        # expressed pretraining: weight of the masked-value MSE
 # training
@@ -139,7 +141,7 @@ choices = dict(mode=('pretrain', 'finetune'), finetune_params=('all', 'head', 's
 for name, allowed in choices.items():
     if globals()[name] not in allowed:
         raise UserError(f"{name} must be one of {', '.join(allowed)}, not '{globals()[name]}' (set --{name}=...)")
-for name in ('max_iters', 'eval_interval', 'log_interval', 'batch_size', 'grad_accum'):
+for name in ('max_iters', 'eval_interval', 'log_interval', 'batch_size', 'grad_accum', 'calibration_cells'):
     if globals()[name] < 1:
         raise UserError(f'{name} must be at least 1, not {globals()[name]} (set --{name}=...)')
 if device != 'auto' and 'cuda' in device and not torch.cuda.is_available():
@@ -250,8 +252,10 @@ def make_model(k, fold_dir, train_idx, teacher_model=None):
         model, ckpt = load_model(path, model_args, k)
         if bitlinear and not model.config.bitlinear:               # quantization-aware training from a float model
             model = as_bitlinear(model)
-            cells = train_idx[:calibration_cells]
-            n = calibrate_bitlinear(model, get_batch(cells, model.config)[0])
+            cells = np.sort(np.random.default_rng(seed).choice(train_idx, min(calibration_cells, len(train_idx)),
+                                                               replace=False))       # a random sample, in batches
+            n = calibrate_bitlinear(model, (get_batch(cells[i:i + batch_size], model.config)[0]
+                                            for i in range(0, len(cells), batch_size)))
             log(f'bitlinear: {path} converted to BitNet b1.58 linears; {n} norm gains calibrated on {len(cells)} '
                 f'training cells')
         return model, ckpt
@@ -276,6 +280,8 @@ def load_teacher(k, fold_dir):
     if os.path.abspath(path) in [os.path.abspath(os.path.join(fold_dir, f)) for f in ('best.pt', 'ckpt.pt')]:
         raise UserError(f'the student would overwrite its teacher {path}: set another --out_dir')
     ckpt = load_checkpoint(path, 'teacher')
+    if isinstance(ckpt, dict) and ckpt.get('quantization'):
+        raise UserError(f"teacher {path} is quantized ({ckpt['quantization']}); distil from the float checkpoint")
     try:
         model = ScBERT.from_checkpoint(ckpt)
     except (KeyError, TypeError, ValueError, AttributeError, RuntimeError, AssertionError) as e:
@@ -339,7 +345,7 @@ def load_model(path, model_args, k):
                             f"checkpoint it was made from")
         if (mode == 'finetune' and ckpt.get('mode') == 'finetune' and init_from != 'resume' and 'fold' in ckpt
                 and ckpt.get('config', {}).get('dataset') == dataset
-                and (ckpt['fold'], ckpt.get('test_batch', '')) != (k, test_batch)):
+                and (ckpt['fold'], ckpt.get('test_batch', ckpt['config'].get('test_batch', ''))) != (k, test_batch)):
             raise UserError(f"{path} was fine-tuned on this dataset with test fold {ckpt['fold']} "
                             f"{ckpt.get('test_batch') or ''}: it trained on this run's test cells; continue the "
                             f"checkpoint of fold {k} ({{fold}} in --init_from)")
@@ -362,6 +368,8 @@ def load_model(path, model_args, k):
         if unexpected or any(not k.startswith('cls_head.') for k in missing):
             raise UserError(f'{path} does not match its model_args (missing {missing[:3]}, unexpected {unexpected[:3]})')
         differ = [k for k, v in model_args.items() if k in args and args[k] != v and k not in ('n_classes', 'dropout', 'bitlinear')]
+        if args.get('bitlinear') and not bitlinear:
+            log(f'note: {path} was trained with bitlinear=True (BitNet QAT), and so is this run')
         if differ:                                                 # the architecture is the checkpoint's, say so
             log(f'note: the model comes from {path}; its {", ".join(f"{k}={args[k]}" for k in differ)} replace the settings')
     else:                                                          # the original release's
@@ -666,7 +674,8 @@ def train_fold(k, fold_dir):
         state = {'model': raw_model.state_dict(), 'optimizer': optim.state_dict(), 'scaler': scaler.state_dict(),
                  'model_args': asdict(raw_model.config), 'projection': projection.state_dict() if projection else None,
                  'iter_num': iter_num, 'best': best, 'history': history, 'config': config, 'mode': mode, 'fold': k,
-                 'vocab': data.vocab, 'label_names': data.label_names, 'log_base': data.log_base, 'done': done}
+                 'test_batch': test_batch, 'vocab': data.vocab, 'label_names': data.label_names,
+                 'log_base': data.log_base, 'done': done}
         save(os.path.join(fold_dir, 'ckpt.pt'), state)
 
     # the batches, from the next micro-step on: built in num_workers background processes, or here when 0

@@ -187,7 +187,7 @@ def test_help_and_bad_settings(tmp_path):
                            (['--variants=missing/ckpt.pt'], 'not found'), ([f'--variants={bad}'], 'cannot load'),
                            (['--variants=scbert,scbert'], 'once'), (['--batch_sizes=1,x'], 'batch_sizes'),
                            (['--dataset=nowhere'], 'prepared dataset'), (['--device=gpu'], "'gpu'"),
-                           (['--n_layer=-1'], 'n_layer'), (['--n_classes=0'], 'n_classes'),
+                           (['--n_layer=-1'], 'n_layer'), (['--n_classes=-1'], 'n_classes'),
                            ([f'--out={tmp_path / "no" / "b.json"}'], 'folder does not exist'),
                            ([f'--plot={tmp_path}'], 'is a directory')):
         result = bench(*args, '--peak_flops=1e11')

@@ -62,11 +62,11 @@ def test_absmean_ternary_values_and_scale():
     assert q2.tolist() == [[0, 0, 0, -1, 1, 0]]
 
 
-@pytest.mark.parametrize('n', [1, 4, 5, 6, 999, 1000])
+@pytest.mark.parametrize('n', [0, 1, 4, 5, 6, 999, 1000])
 def test_pack_unpack_round_trip_is_exact(n):
     q = torch.randint(-1, 2, (n,), generator=torch.Generator().manual_seed(n)).to(torch.int8)
     packed = pack_ternary(q)
-    assert packed.dtype == torch.uint8 and packed.numel() == -(-n // 5) and int(packed.max()) < 243
+    assert packed.dtype == torch.uint8 and packed.numel() == -(-n // 5) and (packed < 243).all()
     assert torch.equal(unpack_ternary(packed, (n,)), q)
     w = torch.randint(-1, 2, (7, 13), dtype=torch.int8)                # any shape; 91 weights -> 19 bytes
     assert torch.equal(unpack_ternary(pack_ternary(w), w.shape), w) and pack_ternary(w).numel() == 19
@@ -133,13 +133,44 @@ def test_quantize_replaces_every_attention_and_feed_forward_matrix(cfg):
         quantize(clone(model), 'ternary')
     # post-training ternary: calibrated norms start near the float model; the packed model is the fake-quantized one
     bit = as_bitlinear(model)
-    assert calibrate_bitlinear(bit, x) == cfg['n_layer'] * 6        # 4 attention + w1, w2 (MoE: norm_in, norm_hidden)
+    assert calibrate_bitlinear(bit, [x]) == cfg['n_layer'] * 6        # 4 attention + w1, w2 (MoE: norm_in, norm_hidden)
     fake = bit.eval()(x)[0]
     tern = quantize(clone(bit), 'ternary')
     for layer in tern.quantized_linears():
         assert set(layer.weight_int8.unique().tolist()) <= {-1, 0, 1} and layer.weight_scale.numel() == 1
         layer.kernel = 'reference'
     assert rel_err(tern(x)[0], fake) < 1e-4
+
+
+@pytest.mark.parametrize('scheme', ['int8', 'ternary'])
+@pytest.mark.parametrize('kernel', ['auto', 'reference'])
+def test_quantized_experts_that_get_no_tokens(scheme, kernel):
+    """One cell of one gene sends its 2 tokens to at most 4 of 8 experts: the others get 0 rows."""
+    torch.manual_seed(0)
+    cfg = dict(V2_CFG, n_expert=8)
+    model = quantize(ScBERT(ModelConfig(**cfg, bitlinear=scheme == 'ternary')).eval(), scheme)
+    for layer in model.quantized_linears():
+        layer.kernel = kernel
+    x = {'genes': torch.tensor([[5]]), 'values': torch.tensor([[1.5]]), 'bins': torch.tensor([[3]])}
+    logits = model(x)[0]
+    assert logits.shape == (1, 3) and torch.isfinite(logits).all()
+
+
+def test_reference_path_in_half_precision():
+    """The reference arithmetic runs in fp32 whatever the input dtype: integer sums up to 127² · in_features would
+    overflow fp16, and an all-zero token must not give 0 · inf."""
+    torch.manual_seed(0)
+    layer = QuantLinear.from_float(torch.randn(16, 3072) * 0.05, torch.zeros(16))
+    layer.kernel = 'reference'
+    x = torch.randn(4, 3072) * 5
+    x[0] = 0
+    ref = layer(x)
+    for dtype in (torch.float16, torch.bfloat16):
+        y = layer(x.to(dtype))
+        assert y.dtype == dtype and torch.isfinite(y).all() and (y[0] == 0).all()
+        assert rel_err(y.float(), ref) < 0.01
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        assert rel_err(layer(x).float(), ref) < 0.01
 
 
 def test_a_quantized_state_dict_saves_and_loads_with_weights_only(tmp_path):
@@ -190,14 +221,41 @@ def test_quantize_py_int8_on_real_cells(baron, finetuned, tmp_path):
     assert len((tmp_path / 'p.csv').read_text().splitlines()) == 79
 
 
+def test_quantize_py_post_training_ternary(baron, finetuned, tmp_path):
+    """A float model to packed ternary: BitLinear's norms are calibrated on a random sample of the test fold's training
+    cells, the weights are packed at 1.6 bits (> 10x smaller than fp32), and the file runs in predict.py."""
+    out, summary = tmp_path / 't.pt', tmp_path / 't.json'
+    run('quantize.py', f'--ckpt={finetuned}', '--scheme=ternary', f'--out={out}', f'--summary={summary}',
+        '--num_threads=1', '--calibration_cells=20', '--batch_size=8')
+    report = json.loads(summary.read_text())['folds'][0]
+    assert report['method'] == 'post-training' and report['calibration_cells'] == 20 and report['linear_ratio'] > 10
+    assert 0 <= report['quantized']['macro_f1'] <= 1 and report['params'] > report['params_quantized'] > 0
+    packed = torch.load(out, weights_only=True)
+    assert packed['model_args']['bitlinear'] and any(k.endswith('.weight_packed') for k in packed['model'])
+    model = ScBERT.from_checkpoint(packed)
+    norms = [m.norm.weight for m in model.quantized_linears() if m.norm is not None] + \
+        [b.mlp.norm_in.weight for b in model.blocks]
+    assert all(not torch.allclose(w, torch.ones_like(w)) for w in norms)        # every gain calibrated
+    run('predict.py', f'--ckpt={out}', f'--input={ROOT.parent / "shared/data/fixtures/counts_csr.h5ad"}',
+        f'--output={tmp_path / "p.csv"}')
+    assert len((tmp_path / 'p.csv').read_text().splitlines()) == 79
+
+
 def test_bitlinear_training_then_packed_ternary(baron, finetuned, tmp_path):
     """train.py --bitlinear=True from a float checkpoint: the norms are calibrated, training runs on ternary weights,
     and quantize.py packs exactly what trained: the packed file's logits are the QAT model's (fake-quantized)."""
-    qat = tmp_path / 'qat'
-    result = run('train.py', f'--dataset={baron}', f'--out_dir={qat}', f'--init_from={finetuned}', '--bitlinear=True',
-                 '--num_threads=1', '--batch_size=8', '--baseline=False', '--max_iters=10', '--eval_interval=5',
-                 '--learning_rate=1e-3', '--warmup_iters=2')
-    assert 'norm gains calibrated' in result.stdout
+    qat, fold0 = tmp_path / 'qat', tmp_path / 'cv' / 'fold0'
+    fold0.mkdir(parents=True)
+    (fold0 / 'best.pt').write_bytes(finetuned.read_bytes())
+    common = [f'--dataset={baron}', f'--out_dir={qat}', '--bitlinear=True', '--num_threads=1', '--batch_size=8',
+              '--baseline=False', '--max_iters=10', '--eval_interval=5', '--learning_rate=1e-3', '--warmup_iters=2']
+    # {fold} in init_from: each CV fold continues its own model; stopped after 5 steps and resumed
+    result = run('train.py', *common, f"--init_from={tmp_path / 'cv' / 'fold{fold}' / 'best.pt'}", '--stop_iter=5')
+    assert 'norm gains calibrated on 46 training cells' in result.stdout                  # all 46: fewer than 256
+    run('train.py', *common, '--init_from=resume')
+    assert state(qat / 'ckpt.pt')['iter_num'] == 9
+    user_error(run('train.py', *common, f'--init_from={finetuned}', '--fold=1', f'--out_dir={tmp_path / "o"}',
+                   check=False), 'test fold 0')                    # fold 0's model trained on fold 1's test cells
     ckpt = state(qat / 'best.pt')
     assert ckpt['model_args']['bitlinear'] and 'blocks.0.attn.to_q.norm.weight' in ckpt['model']
     out = tmp_path / 't.pt'
