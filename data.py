@@ -51,6 +51,18 @@ def atomic_write(path):
         raise
 
 
+def load_checkpoint(path, setting='ckpt'):
+    """A checkpoint file: our dict or an original scBERT state dict, read with weights_only=True (tensors and plain
+    types only: nothing is unpickled). A missing or unreadable file is a UserError naming the setting to fix."""
+    import torch
+    if not os.path.isfile(path):
+        raise UserError(f'checkpoint {path} not found (check --{setting})')
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        raise UserError(f'cannot read checkpoint {path} ({type(e).__name__}); it is corrupt or not a PyTorch checkpoint') from None
+
+
 def read_gene_list(path):
     """Genes of a vocab file, one symbol per line (line i = vocab index i) -> list[str]."""
     if not os.path.isfile(path):

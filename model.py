@@ -778,18 +778,19 @@ class QuantLinear(nn.Module):
         if self.norm is not None:
             x = self.norm(x)
         shape, x = x.shape, x.reshape(-1, x.shape[-1])
-        s = x.abs().amax(-1, keepdim=True).float().clamp(min=1e-8)    # (N, 1): each token's absmax
+        s = torch.linalg.vector_norm(x, float('inf'), -1, keepdim=True).float().clamp(min=1e-8)   # (N, 1): absmax
         if self.kernel == 'auto' and x.device.type == 'cpu' and x.dtype == torch.float32 and int8_gemm_available():
             if self._packed is None:
                 self._packed = pack_for_int8_gemm(self.weight_int8, self.weight_scale)
             y = torch.ops.quantized.linear_dynamic(x / s, self._packed, not self.ternary).mul_(s)
+            if self.bias is not None:
+                y.add_(self.bias)
         else:                   # in fp32 whatever the autocast: 127² · in_features overflows fp16
             with torch.autocast(x.device.type, enabled=False):
                 x32, s32 = x.float(), s.float()
                 q = torch.round(x32 * (127 / s32)).clamp(-127, 127)   # the token's int8 values, held as floats
-                y = (F.linear(q, self.weight_int8.float()) * (s32 / 127) * self.weight_scale).to(x.dtype)
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
+                y = F.linear(q, self.weight_int8.float()) * (s32 / 127) * self.weight_scale
+                y = (y if self.bias is None else y + self.bias).to(x.dtype)
         return y.view(*shape[:-1], len(self.weight_int8))    # (an expert may get no tokens: 0 rows)
 
 

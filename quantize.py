@@ -27,7 +27,7 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
-from data import Dataset, UserError, atomic_write, classify_input, fold_split, read_gene_list
+from data import Dataset, UserError, atomic_write, classify_input, fold_split, load_checkpoint, read_gene_list
 from metrics import classification_metrics
 from model import ScBERT, as_bitlinear, calibrate_bitlinear, packed_state_dict, quantize
 
@@ -67,15 +67,6 @@ if num_threads:
 torch.set_flush_denormal(True)
 
 
-def load(path):
-    if not os.path.isfile(path):
-        raise UserError(f'checkpoint {path} not found (set --ckpt=<train.py out_dir>/best.pt)')
-    try:
-        return torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:
-        raise UserError(f'cannot read checkpoint {path} ({type(e).__name__}); it is corrupt or not a PyTorch checkpoint') from None
-
-
 def linear_bytes(model):
     """(fp32 bytes, stored bytes) of the matrices quantize() replaces: int8 is a byte per weight, packed ternary 1/5,
     plus the fp32 scales."""
@@ -98,7 +89,7 @@ def predict(model, data, idx):
 
 def quantize_one(path, k, out_path):
     """Quantize the checkpoint at path (test fold k, or None) into out_path; returns the report dict."""
-    checkpoint = load(path)
+    checkpoint = load_checkpoint(path)
     if not isinstance(checkpoint, dict):
         raise UserError(f'{path} holds a {type(checkpoint).__name__}, not a checkpoint')
     if checkpoint.get('quantization'):
@@ -170,7 +161,7 @@ def quantize_one(path, k, out_path):
 
     if data is not None and split is not None and evaluate and model.cls_head is not None:
         test_idx, y = split[2], data.labels[split[2]]
-        quant_prob = predict(ScBERT.from_checkpoint(load(out_path)).eval(), data, test_idx)   # from the file itself
+        quant_prob = predict(ScBERT.from_checkpoint(load_checkpoint(out_path)).eval(), data, test_idx)   # from the file itself
         report['float'] = classification_metrics(y, float_prob.argmax(1), float_prob, data.label_names)
         report['quantized'] = classification_metrics(y, quant_prob.argmax(1), quant_prob, data.label_names)
         report['agreement'] = float((float_prob.argmax(1) == quant_prob.argmax(1)).mean())

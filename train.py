@@ -33,8 +33,8 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from data import (Dataset, UserError, atomic_write, cell_seeds, expressed_batch, fold_split, mask_tokens,
-                  scbert_tokens)
+from data import (Dataset, UserError, atomic_write, cell_seeds, expressed_batch, fold_split, load_checkpoint,
+                  mask_tokens, scbert_tokens)
 from metrics import classification_metrics, fit_logistic_regression, format_metrics_line, plot_confusion, plot_loss
 from model import (Classifier, ModelConfig, ScBERT, as_bitlinear, calibrate_bitlinear, cosine_loss, distil_student,
                    kd_loss, token_valid)
@@ -220,16 +220,6 @@ if mode == 'finetune' and not data.label_names:
     raise UserError(f'{dataset} has no labels; prepare it with --label_key=<obs column> to fine-tune, or use --mode=pretrain')
 
 
-def load_checkpoint(path, setting='init_from'):
-    """Our checkpoint dict, or an original scBERT state dict (recognised by its keys). Tensors and plain types only."""
-    if not os.path.isfile(path):
-        raise UserError(f'checkpoint {path} not found (check --{setting})')
-    try:
-        return torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:
-        raise UserError(f'cannot read checkpoint {path} ({type(e).__name__}); it is corrupt or not a PyTorch checkpoint') from None
-
-
 def clean_state_dict(sd):
     # strip what torch.compile ('_orig_mod.') and DDP ('module.') add to parameter names
     return {k.replace('_orig_mod.', '').removeprefix('module.'): v for k, v in sd.items()}
@@ -331,7 +321,7 @@ def load_model(path, model_args, k):
     """The model in a checkpoint (ours, or an original scBERT one), with a fresh classifier when the task differs;
     returns (model, the checkpoint dict when resuming, else None)."""
     n_classes = model_args['n_classes']
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(path, 'init_from')
     if not isinstance(ckpt, dict):
         raise UserError(f'{path} holds a {type(ckpt).__name__}, not a checkpoint dict or state dict')
     if 'model_args' in ckpt:                                       # ours

@@ -13,7 +13,7 @@ from data import Dataset, classify_input, fold_split
 from model import (BitLinear, ModelConfig, QuantLinear, ScBERT, absmax_int8, absmean_ternary, as_bitlinear,
                    calibrate_bitlinear, fake_quant, int8_gemm_available, pack_ternary, packed_state_dict, quantize,
                    unpack_ternary)
-from test_distill import SMALL, V2
+from test_distill import teacher  # noqa: F401  (a fixture: a small scBERT 2.0 fine-tuned on the Baron cells)
 from test_train import ROOT, run, state, user_error
 
 SCBERT_CFG = dict(n_genes=30, n_embd=32, n_layer=2, n_head=4, dim_head=8, n_classes=3)
@@ -188,28 +188,19 @@ def test_a_quantized_state_dict_saves_and_loads_with_weights_only(tmp_path):
         assert torch.equal(loaded(x)[0], q(x)[0])
 
 
-@pytest.fixture(scope='module')
-def finetuned(baron, tmp_path_factory):
-    """A small scBERT 2.0 (2 blocks, MoE) fine-tuned on the Baron cells, test fold 0."""
-    out = tmp_path_factory.mktemp('float')
-    run('train.py', f'--dataset={baron}', f'--out_dir={out}', *SMALL, *V2, '--n_layer=2', '--max_iters=40',
-        '--eval_interval=20', '--learning_rate=3e-3', '--warmup_iters=2')
-    return out / 'best.pt'
-
-
-def test_quantize_py_int8_on_real_cells(baron, finetuned, tmp_path):
+def test_quantize_py_int8_on_real_cells(baron, teacher, tmp_path):
     """int8: on real cells the logits stay close to fp32's and the predictions agree; the file loads with
     weights_only=True (plain tensors, no pickled objects) and predict.py annotates with it."""
     out, summary = tmp_path / 'int8.pt', tmp_path / 'q.json'
-    result = run('quantize.py', f'--ckpt={finetuned}', f'--out={out}', f'--summary={summary}', '--num_threads=1')
+    result = run('quantize.py', f'--ckpt={teacher}', f'--out={out}', f'--summary={summary}', '--num_threads=1')
     assert 'test fold 0' in result.stdout and 'int8' in result.stdout
     report = json.loads(summary.read_text())['folds'][0]
     assert report['method'] == 'post-training' and report['agreement'] >= 0.9
     assert abs(report['float']['macro_f1'] - report['quantized']['macro_f1']) < 0.1
     assert report['linear_ratio'] > 3 and report['file_bytes'] < report['file_bytes_float']
     ckpt = torch.load(out, weights_only=True)
-    assert ckpt['quantization'] == 'int8' and ckpt['source'] == str(finetuned) and ckpt['fold'] == 0
-    float_model = ScBERT.from_checkpoint(state(finetuned)).eval()
+    assert ckpt['quantization'] == 'int8' and ckpt['source'] == str(teacher) and ckpt['fold'] == 0
+    float_model = ScBERT.from_checkpoint(state(teacher)).eval()
     int8_model = ScBERT.from_checkpoint(ckpt).eval()
     data = Dataset(baron)
     x = classify_input(data, fold_split(data, 0)[2], float_model.config)
@@ -221,11 +212,11 @@ def test_quantize_py_int8_on_real_cells(baron, finetuned, tmp_path):
     assert len((tmp_path / 'p.csv').read_text().splitlines()) == 79
 
 
-def test_quantize_py_post_training_ternary(baron, finetuned, tmp_path):
+def test_quantize_py_post_training_ternary(baron, teacher, tmp_path):
     """A float model to packed ternary: BitLinear's norms are calibrated on a random sample of the test fold's training
     cells, the weights are packed at 1.6 bits (> 10x smaller than fp32), and the file runs in predict.py."""
     out, summary = tmp_path / 't.pt', tmp_path / 't.json'
-    run('quantize.py', f'--ckpt={finetuned}', '--scheme=ternary', f'--out={out}', f'--summary={summary}',
+    run('quantize.py', f'--ckpt={teacher}', '--scheme=ternary', f'--out={out}', f'--summary={summary}',
         '--num_threads=1', '--calibration_cells=20', '--batch_size=8')
     report = json.loads(summary.read_text())['folds'][0]
     assert report['method'] == 'post-training' and report['calibration_cells'] == 20 and report['linear_ratio'] > 10
@@ -241,12 +232,12 @@ def test_quantize_py_post_training_ternary(baron, finetuned, tmp_path):
     assert len((tmp_path / 'p.csv').read_text().splitlines()) == 79
 
 
-def test_bitlinear_training_then_packed_ternary(baron, finetuned, tmp_path):
+def test_bitlinear_training_then_packed_ternary(baron, teacher, tmp_path):
     """train.py --bitlinear=True from a float checkpoint: the norms are calibrated, training runs on ternary weights,
     and quantize.py packs exactly what trained: the packed file's logits are the QAT model's (fake-quantized)."""
     qat, fold0 = tmp_path / 'qat', tmp_path / 'cv' / 'fold0'
     fold0.mkdir(parents=True)
-    (fold0 / 'best.pt').write_bytes(finetuned.read_bytes())
+    (fold0 / 'best.pt').write_bytes(teacher.read_bytes())
     common = [f'--dataset={baron}', f'--out_dir={qat}', '--bitlinear=True', '--num_threads=1', '--batch_size=8',
               '--baseline=False', '--max_iters=10', '--eval_interval=5', '--learning_rate=1e-3', '--warmup_iters=2']
     # {fold} in init_from: each CV fold continues its own model; stopped after 5 steps and resumed
@@ -254,7 +245,7 @@ def test_bitlinear_training_then_packed_ternary(baron, finetuned, tmp_path):
     assert 'norm gains calibrated on 46 training cells' in result.stdout                  # all 46: fewer than 256
     run('train.py', *common, '--init_from=resume')
     assert state(qat / 'ckpt.pt')['iter_num'] == 9
-    user_error(run('train.py', *common, f'--init_from={finetuned}', '--fold=1', f'--out_dir={tmp_path / "o"}',
+    user_error(run('train.py', *common, f'--init_from={teacher}', '--fold=1', f'--out_dir={tmp_path / "o"}',
                    check=False), 'test fold 0')                    # fold 0's model trained on fold 1's test cells
     ckpt = state(qat / 'best.pt')
     assert ckpt['model_args']['bitlinear'] and 'blocks.0.attn.to_q.norm.weight' in ckpt['model']
@@ -274,25 +265,25 @@ def test_bitlinear_training_then_packed_ternary(baron, finetuned, tmp_path):
         assert rel_err(tern(x)[0], bit(x)[0]) < 1e-3
 
 
-def test_bad_quantization_input(baron, finetuned, tmp_path):
+def test_bad_quantization_input(baron, teacher, tmp_path):
     qat_like = tmp_path / 'bit.pt'
-    ckpt = state(finetuned)
+    ckpt = state(teacher)
     bit = as_bitlinear(ScBERT.from_checkpoint(ckpt))
     torch.save(dict(ckpt, model=bit.state_dict(), model_args=bit.config.__dict__), qat_like)
-    run('quantize.py', f'--ckpt={finetuned}', f'--out={tmp_path / "q.pt"}', '--evaluate=False')
+    run('quantize.py', f'--ckpt={teacher}', f'--out={tmp_path / "q.pt"}', '--evaluate=False')
     for args, pattern in (([f'--ckpt={tmp_path / "none.pt"}'], 'not found'),
-                          ([f'--ckpt={finetuned}', '--scheme=int4'], 'int8 or ternary'),
+                          ([f'--ckpt={teacher}', '--scheme=int4'], 'int8 or ternary'),
                           ([f'--ckpt={qat_like}'], 'use --scheme=ternary'),
                           ([f'--ckpt={tmp_path / "q.pt"}', f'--out={tmp_path / "q2.pt"}'], 'already quantized'),
-                          ([f'--ckpt={finetuned}', f'--out={finetuned}'], 'overwrite'),
-                          ([f'--ckpt={finetuned}', '--fold=all'], '{fold}'),
-                          ([f'--ckpt={finetuned}', '--fold=2'], 'test fold 0'),
-                          ([f'--ckpt={finetuned}', f'--out={tmp_path / "no" / "q.pt"}'], 'folder')):
+                          ([f'--ckpt={teacher}', f'--out={teacher}'], 'overwrite'),
+                          ([f'--ckpt={teacher}', '--fold=all'], '{fold}'),
+                          ([f'--ckpt={teacher}', '--fold=2'], 'test fold 0'),
+                          ([f'--ckpt={teacher}', f'--out={tmp_path / "no" / "q.pt"}'], 'folder')):
         user_error(run('quantize.py', *args, check=False), pattern)
     # a quantized file is for inference: train.py refuses to start from it
     user_error(run('train.py', f'--dataset={baron}', f'--init_from={tmp_path / "q.pt"}', f'--out_dir={tmp_path / "o"}',
                    check=False), 'quantized')
-    user_error(run('distill.py', f'--dataset={baron}', f'--teacher={finetuned}', '--bitlinear=True',
+    user_error(run('distill.py', f'--dataset={baron}', f'--teacher={teacher}', '--bitlinear=True',
                    f'--out_dir={tmp_path / "o"}', check=False), 'bitlinear with a teacher')
     assert not (tmp_path / 'o').exists()
     assert 'calibration_cells' in run('quantize.py', '--help').stdout
