@@ -748,7 +748,9 @@ class QuantLinear(nn.Module):
     and the per-tensor grid is a per-token one; the output is multiplied back. The kernel's grid is asymmetric (uint8
     with a zero point), and int8 weights need reduce_range, which halves it to 128 levels (its u8·s8 pair sums overflow
     int16 otherwise): a step of 2·absmax/127, twice the reference's. Ternary weights cannot overflow: 255 levels.
-    Elsewhere (GPU), or kernel='reference', symmetric ±127 in fp32 arithmetic: integer-valued operands, exact products."""
+    Elsewhere (GPU, or a PyTorch without that engine) 'auto' is weight-only int8: the weights dequantized to the input's
+    dtype and the activations left as they are (the lowest error; it saves memory, not time). kernel='reference' runs
+    the W8A8 arithmetic in fp32, symmetric ±127 per token: integer-valued operands, exact products."""
     def __init__(self, in_features, out_features, bias=True, ternary=False, norm=False):
         super().__init__()
         self.ternary, self.kernel, self._packed = ternary, 'auto', None
@@ -770,6 +772,15 @@ class QuantLinear(nn.Module):
             q.norm.load_state_dict(norm.state_dict())
         return q
 
+    def int8_gemm_weight(self):
+        """The weight packed for PyTorch's int8 GEMM (made once), or None where that kernel cannot run."""
+        if self._packed is None and int8_gemm_available():
+            try:
+                self._packed = pack_for_int8_gemm(self.weight_int8, self.weight_scale)
+            except (RuntimeError, AttributeError):            # quantized tensors removed from this PyTorch
+                self._packed = False
+        return None if self._packed is False else self._packed
+
     def _load_from_state_dict(self, *args, **kwargs):
         self._packed = None                                   # new weights: pack them again for the int8 kernel
         super()._load_from_state_dict(*args, **kwargs)
@@ -778,21 +789,29 @@ class QuantLinear(nn.Module):
         if self.norm is not None:
             x = self.norm(x)
         shape, x = x.shape, x.reshape(-1, x.shape[-1])
-        # (N, 1): each token's absmax (max and -min: two reductions, no |x| copy, which costs more than both)
-        s = torch.maximum(x.amax(-1, keepdim=True), -x.amin(-1, keepdim=True)).float().clamp(min=1e-8)
-        if self.kernel == 'auto' and x.device.type == 'cpu' and x.dtype == torch.float32 and int8_gemm_available():
-            if self._packed is None:
-                self._packed = pack_for_int8_gemm(self.weight_int8, self.weight_scale)
-            y = torch.ops.quantized.linear_dynamic(x / s, self._packed, not self.ternary).mul_(s)
+        cpu_fp32 = x.device.type == 'cpu' and x.dtype == torch.float32
+        packed = self.int8_gemm_weight() if self.kernel == 'auto' and cpu_fp32 else None
+        if packed is not None:                                # PyTorch's int8 GEMM, a grid per token (see above)
+            s = token_absmax(x)
+            y = torch.ops.quantized.linear_dynamic(x / s, packed, not self.ternary).mul_(s)
             if self.bias is not None:
                 y.add_(self.bias)
+        elif self.kernel == 'auto':                           # weight-only int8
+            w = self.weight_int8.to(x.dtype) * self.weight_scale.to(x.dtype)[:, None]
+            y = F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
         else:                   # in fp32 whatever the autocast: 127² · in_features overflows fp16
             with torch.autocast(x.device.type, enabled=False):
-                x32, s32 = x.float(), s.float()
+                x32 = x.float()
+                s32 = token_absmax(x32)
                 q = torch.round(x32 * (127 / s32)).clamp(-127, 127)   # the token's int8 values, held as floats
                 y = F.linear(q, self.weight_int8.float()) * (s32 / 127) * self.weight_scale
                 y = (y if self.bias is None else y + self.bias).to(x.dtype)
         return y.view(*shape[:-1], len(self.weight_int8))    # (an expert may get no tokens: 0 rows)
+
+
+def token_absmax(x):
+    """(N, C) -> (N, 1): each token's max |x| (max and -min: two reductions and no |x| copy, which costs more)."""
+    return torch.maximum(x.amax(-1, keepdim=True), -x.amin(-1, keepdim=True)).float().clamp(min=1e-8)
 
 
 def int8_gemm_available():
@@ -801,7 +820,7 @@ def int8_gemm_available():
 
 def pack_for_int8_gemm(weight_int8, scale):
     """The int8 kernel's packed weight (a per-channel qint8 tensor). PyTorch warns that quantized tensors are
-    deprecated; if they go, int8_gemm_available() turns False and QuantLinear falls back to the reference path."""
+    deprecated; if they go, QuantLinear falls back to weight-only int8 (see int8_gemm_weight)."""
     import warnings
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')

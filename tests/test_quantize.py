@@ -156,6 +156,19 @@ def test_quantized_experts_that_get_no_tokens(scheme, kernel):
     assert logits.shape == (1, 3) and torch.isfinite(logits).all()
 
 
+def test_weight_only_fallback_is_the_dequantized_linear():
+    """On GPU, or where PyTorch's int8 engine is gone, 'auto' runs weight-only int8: the dequantized weights, the
+    activations untouched."""
+    torch.manual_seed(0)
+    layer = QuantLinear.from_float(torch.randn(24, 40) * 0.05, torch.randn(24) * 0.1)
+    layer._packed = False                                              # as when the int8 kernel cannot run
+    x = torch.randn(3, 7, 40)
+    w = layer.weight_int8.float() * layer.weight_scale[:, None]
+    assert torch.allclose(layer(x), F.linear(x, w, layer.bias), atol=1e-6)
+    y = layer(x.bfloat16())
+    assert y.dtype == torch.bfloat16 and rel_err(y.float(), F.linear(x, w, layer.bias)) < 0.02
+
+
 def test_reference_path_in_half_precision():
     """The reference arithmetic runs in fp32 whatever the input dtype: integer sums up to 127² · in_features would
     overflow fp16, and an all-zero token must not give 0 · inf."""
