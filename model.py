@@ -576,7 +576,7 @@ class ScBERT(nn.Module):
         dict. The '_orig_mod.' (torch.compile) and 'module.' (DDP) prefixes are stripped."""
         if isinstance(checkpoint, dict) and 'model_args' in checkpoint:
             model = cls(ModelConfig(**checkpoint['model_args']))
-            state = {k.replace('_orig_mod.', '').removeprefix('module.'): v for k, v in checkpoint['model'].items()}
+            state = clean_state_dict(checkpoint['model'])
             if checkpoint.get('quantization'):                # quantize.py's: the shapes, then the int8 / packed weights
                 quantize(model, checkpoint['quantization'])
                 state = unpack_state_dict(state, model)
@@ -899,6 +899,11 @@ def unpack_ternary(packed, shape):
     n = math.prod(shape)
     digits = (packed.to(torch.int16)[:, None] // torch.tensor([1, 3, 9, 27, 81], dtype=torch.int16)) % 3
     return (digits.flatten()[:n] - 1).to(torch.int8).view(shape)
+
+
+def clean_state_dict(state):
+    """A state dict without what torch.compile ('_orig_mod.') and DDP ('module.') add to parameter names."""
+    return {k.replace('_orig_mod.', '').removeprefix('module.'): v for k, v in state.items()}
 
 
 def packed_state_dict(model):

@@ -117,6 +117,9 @@ def quantize_one(path, k, out_path):
             meta['label_names'] = read_gene_list(label_names)
         if len(meta['vocab']) != model.config.n_genes:
             raise UserError(f'{vocab} has {len(meta["vocab"])} genes but {path} was trained on {model.config.n_genes}')
+        if model.cls_head is not None and len(meta['label_names']) != model.config.n_classes:
+            raise UserError(f'{label_names} has {len(meta["label_names"])} names but {path} has '
+                            f'{model.config.n_classes} classes')
 
     # the data: where the checkpoint trained, its test fold, and training cells for calibration
     data_path = dataset or meta.get('config', {}).get('dataset', '')
@@ -125,9 +128,11 @@ def quantize_one(path, k, out_path):
     k = k if k is not None else meta.get('fold')
     data = split = None
     needs_calibration = scheme == 'ternary' and not qat
-    if needs_calibration or (evaluate and model.cls_head is not None):
-        if not data_path:
+    if (needs_calibration or (evaluate and model.cls_head is not None)) and not data_path:
+        if needs_calibration:
             raise UserError(f'{path} does not say which dataset it trained on: set --dataset=<prepared dataset>')
+        print(f'note: {path} does not say which dataset it trained on, so it is not scored: set --dataset=... to score it')
+    elif needs_calibration or (evaluate and model.cls_head is not None):
         data = Dataset(data_path)
         if data.vocab != list(meta.get('vocab', data.vocab)):
             raise UserError(f'{data_path} has other genes than {path}; give the dataset it was trained on (--dataset)')

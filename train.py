@@ -36,8 +36,8 @@ from tqdm import tqdm
 from data import (Dataset, UserError, atomic_write, cell_seeds, expressed_batch, fold_split, load_checkpoint,
                   mask_tokens, scbert_tokens)
 from metrics import classification_metrics, fit_logistic_regression, format_metrics_line, plot_confusion, plot_loss
-from model import (Classifier, ModelConfig, ScBERT, as_bitlinear, calibrate_bitlinear, cosine_loss, distil_student,
-                   kd_loss, token_valid)
+from model import (Classifier, ModelConfig, ScBERT, as_bitlinear, calibrate_bitlinear, clean_state_dict, cosine_loss,
+                   distil_student, kd_loss, token_valid)
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -218,11 +218,6 @@ data = Dataset(dataset, preload=preload)
 n_folds = data.n_folds
 if mode == 'finetune' and not data.label_names:
     raise UserError(f'{dataset} has no labels; prepare it with --label_key=<obs column> to fine-tune, or use --mode=pretrain')
-
-
-def clean_state_dict(sd):
-    # strip what torch.compile ('_orig_mod.') and DDP ('module.') add to parameter names
-    return {k.replace('_orig_mod.', '').removeprefix('module.'): v for k, v in sd.items()}
 
 
 def make_model(k, fold_dir, train_idx, teacher_model=None):

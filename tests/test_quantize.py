@@ -300,3 +300,28 @@ def test_bad_quantization_input(baron, teacher, tmp_path):
                    f'--out_dir={tmp_path / "o"}', check=False), 'bitlinear with a teacher')
     assert not (tmp_path / 'o').exists()
     assert 'calibration_cells' in run('quantize.py', '--help').stdout
+
+
+def test_quantize_py_on_the_original_release_checkpoint(tmp_path):
+    """An original scBERT fine-tuned checkpoint (the reference run's, 1,023 genes): quantize.py needs its panel and
+    class names to write a self-contained file, whose int8 logits stay close to the original code's outputs."""
+    ref = ROOT.parent / 'shared' / 'data' / 'scbert_ref'
+    if not ref.exists():
+        pytest.skip('shared data not available')
+    (tmp_path / 'genes.txt').write_text('\n'.join(f'G{i}' for i in range(1023)) + '\n')
+    (tmp_path / 'labels.txt').write_text('\n'.join('abcde') + '\n')
+    (tmp_path / 'labels6.txt').write_text('\n'.join('abcdef') + '\n')
+    ckpt, out = ref / 'finetune_state_dict.pt', tmp_path / 'q.pt'
+    user_error(run('quantize.py', f'--ckpt={ckpt}', f'--out={out}', check=False), '--vocab')
+    user_error(run('quantize.py', f'--ckpt={ckpt}', f'--out={out}', f'--vocab={tmp_path / "genes.txt"}',
+                   f'--label_names={tmp_path / "labels6.txt"}', check=False), '6 names .* 5 classes')
+    result = run('quantize.py', f'--ckpt={ckpt}', f'--out={out}', f'--vocab={tmp_path / "genes.txt"}',
+                 f'--label_names={tmp_path / "labels.txt"}', '--num_threads=1')
+    assert 'not scored' in result.stdout and '4.99M parameters quantized' in result.stdout
+    packed = torch.load(out, weights_only=True)
+    assert packed['label_names'] == list('abcde') and len(packed['vocab']) == 1023 and packed['log_base'] == 2.0
+    io = torch.load(ref / 'io.pt', weights_only=True)
+    with torch.no_grad():
+        logits = ScBERT.from_checkpoint(packed).eval()(io['tokens'])[0]
+    assert rel_err(logits, io['finetune_logits_single']) < 0.05
+    assert torch.equal(logits.argmax(-1), io['finetune_logits_single'].argmax(-1))
