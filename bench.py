@@ -266,7 +266,12 @@ def forward_flops_per_cell(mc, lengths=None):
         per_layer['favor_attention'] = 2 * H * m * L * (D + 1) * 2  # phi(k)ᵀ [v 1] (m, D+1), then phi(q) @ that
     else:
         per_layer['attention_scores'] = 2 * H * L2 * D * 2         # q kᵀ (L, L) per head, then softmax @ v
+    if getattr(mc, 'disentangled', False):      # DeBERTa: project the R position embeddings (W_q,r, W_k,r), then
+        R = 2 * mc.n_pos_buckets + 1            # q·K^r and k·Q^r against all R of them, per token and head
+        per_layer['disentangled'] = 2 * R * E * H * D * 2 / n_cells + 2 * H * L * D * R * 2
     flops = {k: v * mc.n_layer for k, v in per_layer.items()}
+    if getattr(mc, 'embd_factor', 0):           # ALBERT's factorized gene embedding: each token's E -> n_embd projection
+        flops['gene_proj'] = 2 * L * mc.embd_factor * E
     if mc.input_genes == 'expressed' and mc.value_emb == 'continuous':     # auto-discretization of each gene's value
         B = mc.n_bins
         flops['value_emb'] = (L - 1) * 2 * (B + B * B + B * E)
@@ -282,7 +287,9 @@ def forward_flops_per_cell(mc, lengths=None):
 
 # which model modules (as torch.utils.flop_counter names them) do the work of each analytic term
 FLOP_GROUPS = {
-    'attention': (r'ScBERT\.blocks\.\d+\.attn', ('attn_proj', 'favor_features', 'favor_attention', 'attention_scores')),
+    'attention': (r'ScBERT\.blocks\.\d+\.attn', ('attn_proj', 'favor_features', 'favor_attention', 'attention_scores',
+                                                 'disentangled')),
+    'gene_proj': (r'ScBERT\.gene_proj', ('gene_proj',)),
     'mlp': (r'ScBERT\.blocks\.\d+\.mlp', ('mlp', 'moe')),
     'value_emb': (r'ScBERT\.value_emb', ('value_emb',)),
     'head': (r'ScBERT\.(cls_head|lm_head|value_head)', ('head',)),

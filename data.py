@@ -456,6 +456,12 @@ class Dataset:
         out[np.repeat(np.arange(len(out)), np.diff(indptr)), indices] = values
         return out
 
+    def annotation(self):
+        """The genes' annotation.h5 (see read_annotation, under "gene annotations" below), read once and cached."""
+        if getattr(self, '_annotation', None) is None:
+            self._annotation = read_annotation(self.path, self.n_genes)
+        return self._annotation
+
 
 def fold_split(data, k, test_batch=''):
     """-> (train_idx, val_idx, test_idx) of a prepared Dataset for test fold k (split_indices), or, with test_batch,
@@ -531,6 +537,304 @@ def mask_tokens(tokens, mask_prob=0.15, replace_prob=0.9, mask_id=6, generator=N
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Masking strategies for pretraining (train.py's masking=), for scBERT's panel tokens (mask_panel) and for scBERT 2.0's
+# expressed-gene input (mask_expressed). Per cell, choose_masked picks the tokens to predict from the cell's own random
+# stream; each chosen token is then replaced by the mask token with probability replace_prob (scBERT's rule: the rest
+# stay visible but are still predicted), and the targets are -100 elsewhere. The "non-zero" tokens are the expressed
+# genes: for scBERT's panel a non-zero bin (as scBERT), for the expressed input a value > 0 (not the n_zero_genes).
+#   random      ceil(mask_prob × n) of all n tokens of the cell, zeros included (BERT's rule, every token a candidate)
+#   nonzero     ceil(mask_prob × n) of its n non-zero tokens, zeros never (scBERT's; on the panel exactly mask_tokens)
+#   dynamic     nonzero, at a rate that falls as the model's masked accuracy grows (dynamic_mask_rate); a fresh mask
+#               every step, as RoBERTa's dynamic masking (Liu et al. 2019)
+#   pathway     whole gene sets: every non-zero token of each chosen set (mask_by_units)
+#   multiscale  single genes, gene sets and chromosome regions, mixed (mask_by_units), as ERNIE masks words,
+#               phrases and entities (Sun et al. 2019) and SpanBERT contiguous spans (Joshi et al. 2020)
+# pathway and multiscale read the dataset's gene annotation (Dataset.annotation), indexed once per run by gene_units.
+
+MASKING = ('random', 'nonzero', 'pathway', 'dynamic', 'multiscale')
+
+
+def n_to_mask(mask_prob, n):
+    """ceil(mask_prob * n), blind to float round-off (0.15 * 20 is 3.0000000000000004 in float64: 3 are masked)."""
+    return min(n, math.ceil(mask_prob * n - 1e-9))
+
+
+def parse_multiscale_weights(text):
+    """'1,1,1' -> (single gene, pathway, region) weights, floats; UserError unless three numbers >= 0, sum > 0."""
+    try:
+        weights = tuple(float(v) for v in str(text).split(','))
+    except ValueError:
+        weights = ()
+    if len(weights) != 3 or not all(math.isfinite(w) and w >= 0 for w in weights) or sum(weights) <= 0:
+        raise UserError(f"multiscale_weights must be three numbers >= 0 with a positive sum (single genes, pathways, "
+                        f"regions), like '1,1,1', not '{text}' (set --multiscale_weights=...)")
+    return weights
+
+
+def dynamic_mask_rate(acc, lo=0.1, hi=0.3):
+    """Dynamic masking's rate: clip(hi - (hi - lo) * acc, lo, hi), acc being the exponential moving average of the
+    training steps' masked-bin accuracy (train.py: 0 at the start, so the first rate is hi). While the model cannot
+    fill in masked bins, many masked genes give it many targets per cell; as it learns to, fewer masked genes leave it
+    more of each cell to read them from, nearer the unmasked cells it will later classify. A masking rate that decays
+    from high to low helped BERT-style pretraining (Yang et al. 2023, "masking ratio decay"; Wettig et al. 2023 found
+    rates above 15% as good or better); here it follows the accuracy instead of the step."""
+    return float(min(hi, max(lo, hi - (hi - lo) * acc)))
+
+
+class GeneUnits(NamedTuple):
+    """A gene annotation indexed for masking (gene_units): gene sets both ways, and the genes in genomic order."""
+    n_genes: int
+    gene_ptr: np.ndarray      # int64 [n_genes + 1] CSR: gene i's sets are gene_sets[gene_ptr[i]:gene_ptr[i + 1]]
+    gene_sets: np.ndarray     # int64 [links]
+    set_ptr: np.ndarray       # int64 [n_sets + 1] CSR: set s's genes are set_genes[set_ptr[s]:set_ptr[s + 1]]
+    set_genes: np.ndarray     # int64 [links], ascending within a set
+    order: np.ndarray         # int64 [n_placed] the genes with known coordinates by chromosome code, start, vocab index
+    rank: np.ndarray          # int64 [n_genes] place of each gene in order, -1 = unknown coordinates
+    region_end: np.ndarray    # int64 [n_placed] the region that starts at order[r] is order[r:region_end[r]]
+
+    @property
+    def n_sets(self):
+        return len(self.set_ptr) - 1
+
+
+def gene_units(annotation, n_genes, region_genes=16):
+    """Dataset.annotation()'s dict (chrom, start, pathway_ptr, pathway_idx, pathway_names) -> GeneUnits, built once
+    per run so that masking a batch does no indexing. A region is region_genes consecutive vocab genes in genomic
+    order from its start gene on, fewer where its chromosome ends first."""
+    chrom, start = np.asarray(annotation['chrom'], np.int64), np.asarray(annotation['start'], np.int64)
+    gene_ptr = np.asarray(annotation['pathway_ptr'], np.int64)
+    gene_sets = np.asarray(annotation['pathway_idx'], np.int64)
+    n_sets = len(annotation['pathway_names'])
+    if len(chrom) != n_genes or len(gene_ptr) != n_genes + 1:
+        raise UserError(f"the gene annotation covers {len(chrom)} genes, the dataset {n_genes}: annotate it again "
+                        f"({ANNOTATION_FIX.format('<dataset>')})")
+    owner = np.repeat(np.arange(n_genes, dtype=np.int64), np.diff(gene_ptr))     # the gene of each (gene, set) link
+    by_set = np.lexsort((owner, gene_sets))
+    set_ptr = np.concatenate([[0], np.cumsum(np.bincount(gene_sets, minlength=n_sets))]).astype(np.int64)
+    placed = np.flatnonzero((chrom > 0) & (start >= 0))
+    order = placed[np.lexsort((placed, start[placed], chrom[placed]))]
+    rank = np.full(n_genes, -1, np.int64)
+    rank[order] = np.arange(len(order))
+    chrom_end = np.searchsorted(chrom[order], chrom[order], side='right')          # where each one's chromosome ends
+    region_end = np.minimum(np.arange(len(order)) + max(1, region_genes), chrom_end)
+    return GeneUnits(n_genes, gene_ptr, gene_sets, set_ptr, owner[by_set], order, rank, region_end)
+
+
+def masking_units(dataset, masking, region_genes=16):
+    """What a masking strategy needs from a prepared Dataset: None (random, nonzero, dynamic), or its gene annotation
+    indexed by gene_units (pathway, multiscale). dataset None (no pretraining) only checks the strategy's name.
+    UserError for an unknown strategy, a dataset without annotation.h5, or pathway masking where no gene is in a set."""
+    if masking not in MASKING:
+        raise UserError(f"masking must be one of {', '.join(MASKING)}, not '{masking}' (set --masking=...)")
+    if dataset is None or masking not in ('pathway', 'multiscale'):
+        return None
+    if not os.path.isfile(os.path.join(dataset.path, 'annotation.h5')):
+        raise UserError(f"masking={masking} needs the genes' gene sets and coordinates, and {dataset.path} has no "
+                        f"annotation.h5: {ANNOTATION_FIX.format(dataset.path)}")
+    units = gene_units(dataset.annotation(), dataset.n_genes, region_genes)
+    if masking == 'pathway' and not len(units.gene_sets):
+        raise UserError(f"masking=pathway masks whole gene sets, and no gene of {dataset.path} is in one: annotate it "
+                        f"with --gene_sets=<GMT files of this species' gene symbols>")
+    return units
+
+
+def gather_runs(values, starts, lengths):
+    """values[starts[i]:starts[i] + lengths[i]] for every i, concatenated."""
+    total = int(lengths.sum())
+    return values[np.repeat(starts - np.cumsum(lengths) + lengths, lengths) + np.arange(total)]
+
+
+def mask_by_units(rng, genes, n_target, units, masking='pathway', weights=(1.0, 1.0, 1.0)):
+    """pathway and multiscale masking of one cell, whose candidates (its non-zero tokens) are the vocab genes `genes`
+    -> (indices into genes, each once; the units masked, as (scale, id) pairs). A unit masks its candidates not
+    masked yet (its new genes); genes in no unit are never masked. The gene sets holding a candidate are ranked at
+    random, and a set fits when its new genes fit in the budget left (1 <= new <= n_target - masked). A set that does
+    not fit never fits later (masking k genes takes k from the budget and at most k from a set's new genes), so
+    walking the ranking once visits each set when it is its turn.
+
+    pathway: walk the ranking, masking every set that fits (all of its new genes), until the budget is met. If it is
+    not met, the set with the fewest new genes is masked too when that ends nearer the budget (new < 2 x the budget
+    left; ties: the first ranked), and masking stops: no set bigger than about twice the budget is ever masked, and
+    the count ends within one set of n_target. Units: ('pathway', set id).
+
+    multiscale: until n_target genes are masked, a scale is drawn with probability proportional to weights (single
+    gene, pathway, region) among those available now: a gene while any candidate is left, a pathway while a set in
+    the ranking fits, a region while a candidate with known coordinates is left. Then a unit of it: a random
+    candidate left, ('gene', its vocab gene); the next set of the ranking that fits, ('pathway', set id); or the
+    region that starts at a random candidate left with known coordinates (the region_genes vocab genes from it on in
+    genomic order, on its chromosome: gene_units), its new genes masked in genomic order up to the budget, ('region',
+    its start gene). Single genes always fit: with weights[0] > 0 exactly n_target genes are masked.
+
+    Each unit is plain Python over lists (numpy sets the cell up): exact, but about 10x nonzero's cost (README)."""
+    n, genes = len(genes), np.asarray(genes, np.int64)
+    masked, chosen, left = bytearray(n), [], n_target
+    use_sets = units.n_sets > 0 and (masking == 'pathway' or weights[1] > 0)
+    if use_sets:   # the cell's sets: (candidate, set) links by candidate, and each set's candidates
+        starts, lengths = units.gene_ptr[genes], units.gene_ptr[genes + 1] - units.gene_ptr[genes]
+        link_set = gather_runs(units.gene_sets, starts, lengths)
+        links_of_set = np.bincount(link_set, minlength=units.n_sets)
+        sets = np.flatnonzero(links_of_set)                       # the sets holding a candidate, by id
+        local = np.zeros(units.n_sets, np.int64)
+        local[sets] = np.arange(len(sets))
+        link_set = local[link_set].astype(np.int16 if len(sets) < 1 << 15 else np.int32)   # -> indices into sets
+        members = np.repeat(np.arange(n), lengths)[np.argsort(link_set, kind='stable')].tolist()   # (a radix sort)
+        member_ptr = np.concatenate([[0], np.cumsum(links_of_set[sets])]).tolist()
+        link_ptr = np.concatenate([[0], np.cumsum(lengths)]).tolist()
+        count, link_set = links_of_set[sets].tolist(), link_set.tolist()   # count: the new genes of each set
+        ranking = rng.permutation(len(sets)).tolist()
+    next_set = 0
+
+    def mask(c):
+        masked[c] = 1
+        if use_sets:
+            for t in link_set[link_ptr[c]:link_ptr[c + 1]]:
+                count[t] -= 1
+
+    def mask_set(t):
+        nonlocal left
+        new = [c for c in members[member_ptr[t]:member_ptr[t + 1]] if not masked[c]]
+        for c in new:
+            mask(c)
+        left -= len(new)
+        chosen.append(('pathway', int(sets[t])))
+
+    def fitting_set():                                            # the next set of the ranking that fits, or None
+        nonlocal next_set
+        while next_set < len(ranking) and not 0 < count[ranking[next_set]] <= left:
+            next_set += 1
+        return ranking[next_set] if next_set < len(ranking) else None
+
+    if masking == 'pathway':
+        while use_sets and left > 0 and (t := fitting_set()) is not None:
+            mask_set(t)
+        if use_sets and left > 0:
+            new = np.array(count)[ranking]
+            new[new <= 0] = n + 1
+            k = int(np.argmin(new))                               # the fewest new genes, first ranked
+            if new[k] <= n and new[k] < 2 * left:
+                mask_set(ranking[k])
+        return np.flatnonzero(np.frombuffer(masked, np.uint8)), chosen
+
+    gene_list = genes.tolist()
+    shuffled, next_gene = rng.permutation(n).tolist(), 0          # single genes: the candidates in random order
+    rank = units.rank[genes]
+    placed = np.flatnonzero(rank >= 0) if weights[2] > 0 else np.zeros(0, np.int64)
+    if len(placed):                                               # regions: the placed candidates in genomic order
+        by_rank = placed[np.argsort(rank[placed])]
+        first, last = np.zeros(n, np.int64), np.zeros(n, np.int64)   # region of candidate c: by_rank[first[c]:last[c]]
+        first[placed] = np.searchsorted(rank[by_rank], rank[placed])
+        last[placed] = np.searchsorted(rank[by_rank], units.region_end[rank[placed]])
+        first, last, by_rank = first.tolist(), last.tolist(), by_rank.tolist()
+    starts_left, next_start = rng.permutation(placed).tolist(), 0  # region starts, in random order
+    draws = rng.random(n_target).tolist()                         # one per unit at most: a unit masks >= 1 gene
+    while left > 0:
+        while next_gene < n and masked[shuffled[next_gene]]:
+            next_gene += 1
+        while next_start < len(starts_left) and masked[starts_left[next_start]]:
+            next_start += 1
+        t = fitting_set() if use_sets else None
+        available = (weights[0] * (next_gene < n), weights[1] * (t is not None),
+                     weights[2] * (next_start < len(starts_left)))
+        total = sum(available)
+        if total <= 0:
+            break
+        u, end, scale = draws.pop() * total, 0.0, None            # the scale whose share of [0, total) holds u
+        for k, share in enumerate(available):
+            end += share
+            if share > 0 and (u < end or scale is None):
+                scale = k                                         # (the last available one if round-off overshoots)
+                if u < end:
+                    break
+        if scale == 0:
+            c = shuffled[next_gene]
+            mask(c)
+            left -= 1
+            chosen.append(('gene', gene_list[c]))
+        elif scale == 1:
+            mask_set(t)
+        else:
+            c = starts_left[next_start]
+            new = [r for r in by_rank[first[c]:last[c]] if not masked[r]][:left]
+            for r in new:
+                mask(r)
+            left -= len(new)
+            chosen.append(('region', gene_list[c]))
+    return np.flatnonzero(np.frombuffer(masked, np.uint8)), chosen
+
+
+def choose_masked(rng, nonzero, mask_prob, masking='nonzero', genes=None, units=None, weights=(1.0, 1.0, 1.0)):
+    """The tokens of one cell to mask -> (positions int64, each once; units). rng: the cell's np.random.Generator;
+    nonzero: bool [L], its non-zero (expressed) tokens; genes: int [L], each token's vocab gene, and units, GeneUnits
+    (pathway, multiscale); weights: multiscale's (single gene, pathway, region) weights.
+    random: ceil(mask_prob * L) of the L tokens, uniformly; nonzero and dynamic (its rate is mask_prob):
+    ceil(mask_prob * n) of the n non-zero tokens, uniformly; pathway, multiscale: mask_by_units with the budget
+    ceil(mask_prob * n), whose units (('pathway', set id), ...) are returned too ([] for the others)."""
+    if masking not in MASKING:
+        raise UserError(f"masking must be one of {', '.join(MASKING)}, not '{masking}' (set --masking=...)")
+    if masking == 'random':                                     # as expressed_batch always drew them
+        n_mask = n_to_mask(mask_prob, len(nonzero))
+        return (rng.choice(len(nonzero), n_mask, replace=False) if n_mask else np.zeros(0, np.int64)), []
+    candidates = np.flatnonzero(nonzero)
+    n_mask = n_to_mask(mask_prob, len(candidates))
+    if masking in ('nonzero', 'dynamic'):
+        return (candidates[rng.choice(len(candidates), n_mask, replace=False)] if n_mask else candidates[:0]), []
+    if units is None:
+        raise UserError(f"masking={masking} needs the dataset's gene annotation: {ANNOTATION_FIX.format('<dataset>')}")
+    if not n_mask:
+        return candidates[:0], []
+    picked, chosen_units = mask_by_units(rng, np.asarray(genes, np.int64)[candidates], n_mask, units, masking, weights)
+    return candidates[picked], chosen_units
+
+
+def mask_panel(tokens, seeds, mask_id, mask_prob=0.15, replace_prob=0.9, masking='nonzero', units=None,
+               weights=(1.0, 1.0, 1.0)):
+    """scBERT's tokens LongTensor [B, n_genes + 1] (the appended last token is no gene: never masked) -> (masked
+    tokens, labels: the token where chosen, else -100), cell i masked from seeds[i] (anything np.random.SeedSequence
+    takes). nonzero and dynamic are scBERT's mask_tokens, bit for bit, with a torch generator seeded from the seed;
+    the other strategies are choose_masked with np.random.default_rng(seed), a token's panel position being its
+    vocab gene, each chosen token replaced by mask_id with probability replace_prob."""
+    import torch
+    if masking in ('nonzero', 'dynamic'):
+        masked = []
+        for s, row in zip(seeds, tokens):
+            g = torch.Generator().manual_seed(int(np.random.SeedSequence(s).generate_state(1)[0]))
+            masked.append(mask_tokens(row[None], mask_prob, replace_prob, mask_id=mask_id, generator=g))
+        return tuple(torch.cat(t) for t in zip(*masked))
+    bins = tokens.numpy()
+    masked, labels = bins.copy(), np.full_like(bins, -100)
+    genes = np.arange(bins.shape[1] - 1)
+    for i, s in enumerate(seeds):
+        rng, row = np.random.default_rng(s), bins[i, :-1]
+        chosen, _ = choose_masked(rng, (row != 0) & (row != mask_id), mask_prob, masking, genes, units, weights)
+        labels[i, chosen] = row[chosen]
+        masked[i, chosen[rng.random(len(chosen)) < replace_prob]] = mask_id
+    return torch.from_numpy(masked), torch.from_numpy(labels)
+
+
+def mask_expressed(x, rngs, mask_id, mask_prob=0.15, replace_prob=0.9, masking='nonzero', units=None,
+                   weights=(1.0, 1.0, 1.0)):
+    """An expressed_batch dict (genes, values, bins: (B, T) CPU tensors or arrays; genes -1 = padding) masked for
+    pretraining -> a new dict of tensors (x is not changed). Cell i is masked from rngs[i] (an np.random.Generator, or
+    a seed for one): choose_masked over its real tokens, non-zero = value > 0 (its n_zero_genes are the zeros). A
+    chosen token gets 'target_bins' = its bin (-100 elsewhere) and, with probability replace_prob, bin mask_id and
+    value 0; 'target_values' holds every value before masking."""
+    import torch
+    genes, values, bins = (v.numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
+                           for v in (x['genes'], x['values'], x['bins']))
+    values, bins = values.copy(), bins.copy()
+    target_bins, target_values = np.full(bins.shape, -100, np.int64), values.copy()
+    for i, rng in enumerate(rngs):
+        rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+        n = int((genes[i] >= 0).sum())                              # padding comes last
+        chosen, _ = choose_masked(rng, values[i, :n] > 0, mask_prob, masking, genes[i, :n], units, weights)
+        target_bins[i, chosen] = bins[i, chosen]
+        replaced = chosen[rng.random(len(chosen)) < replace_prob]
+        bins[i, replaced], values[i, replaced] = mask_id, 0.0
+    return {**x, 'values': torch.from_numpy(values), 'bins': torch.from_numpy(bins),
+            'target_bins': torch.from_numpy(target_bins), 'target_values': torch.from_numpy(target_values)}
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # scBERT 2.0's input: a CLS token (added by the model) and one (gene, value) token per expressed gene
 
 def quantile_bins(indptr, values, n_bins):
@@ -571,22 +875,25 @@ def cell_seeds(indptr, indices, seed=0):
     return [[seed, zlib.crc32(indices[indptr[i]:indptr[i + 1]].astype(np.int32).tobytes())] for i in range(len(indptr) - 1)]
 
 
-def expressed_batch(indptr, indices, values, seeds, cfg, log_base, mask_prob=0.0, replace_prob=0.9):
+def expressed_batch(indptr, indices, values, seeds, cfg, log_base, mask_prob=0.0, replace_prob=0.9, masking='nonzero',
+                    units=None, weights=(1.0, 1.0, 1.0)):
     """CSR cells -> the model's expressed-gene input, padded to the longest cell: dict of torch tensors (B, T)
     'genes' (vocab index, -1 = padding), 'values' (log-normalized), 'bins' (value bins; n_bins + 1 where masked).
 
     cfg (a ModelConfig) gives n_genes, n_bins, value_emb, max_genes, n_zero_genes and mask_id. seeds (one per cell:
     anything np.random.default_rng takes) choose, per cell, which max_genes expressed genes to keep when it has more
     (training passes fresh seeds per step; evaluation passes cell_seeds: a fixed subset), the n_zero_genes
-    unexpressed genes to add (value 0, bin 0), and with mask_prob > 0 the masked tokens for pretraining: exactly
-    ceil(mask_prob * n) of each cell's n tokens (the zero genes too), each replaced by the mask with probability
-    replace_prob (scBERT's rule). Then 'target_bins' (-100 where not masked) and 'target_values' are added too.
+    unexpressed genes to add (value 0, bin 0), and with mask_prob > 0 the masked tokens for pretraining, drawn by
+    mask_expressed from the same per-cell stream: by default (masking='nonzero', scBERT's rule) ceil(mask_prob * n)
+    of each cell's n expressed genes and never its zero genes; masking='random' takes them from all its tokens, zero
+    genes too (this function's only rule before the masking strategies); pathway and multiscale need units
+    (GeneUnits) and weights. Then 'target_bins' (-100 where not masked) and 'target_values' are added too.
     Bins are computed over all of a cell's expressed genes, before any are dropped."""
     import torch
     bins_all = value_bins(indptr, values, log_base, cfg.value_emb, cfg.n_bins)
-    cells = []
+    cells, rngs = [], [np.random.default_rng(s) for s in seeds]
     for i in range(len(indptr) - 1):
-        rng = np.random.default_rng(seeds[i])
+        rng = rngs[i]
         a, b = indptr[i], indptr[i + 1]
         genes, vals, bins = indices[a:b].astype(np.int64), values[a:b], bins_all[a:b]
         if cfg.max_genes and len(genes) > cfg.max_genes:
@@ -598,23 +905,295 @@ def expressed_batch(indptr, indices, values, seeds, cfg, log_base, mask_prob=0.0
             genes = np.concatenate([genes, zeros])
             vals = np.concatenate([vals, np.zeros(len(zeros), vals.dtype)])
             bins = np.concatenate([bins, np.zeros(len(zeros), bins.dtype)])
-        target, true_vals = np.full(len(genes), -100), vals
-        if mask_prob > 0 and len(genes):
-            n_mask = math.ceil(mask_prob * len(genes))
-            chosen = rng.choice(len(genes), n_mask, replace=False)
-            target[chosen] = bins[chosen]
-            replaced = chosen[rng.random(n_mask) < replace_prob]
-            bins, vals = bins.copy(), vals.copy()
-            bins[replaced], vals[replaced] = cfg.mask_id, 0.0
-        cells.append((genes, vals, bins, target, true_vals))
+        cells.append((genes, vals, bins))
     T = max([len(c[0]) for c in cells] + [1])
     out = {'genes': np.full((len(cells), T), -1, np.int64), 'values': np.zeros((len(cells), T), np.float32),
            'bins': np.zeros((len(cells), T), np.int64)}
-    if mask_prob > 0:
-        out.update(target_bins=np.full((len(cells), T), -100, np.int64), target_values=np.zeros((len(cells), T), np.float32))
-    for i, (genes, vals, bins, target, true_vals) in enumerate(cells):
+    for i, (genes, vals, bins) in enumerate(cells):
         n = len(genes)
         out['genes'][i, :n], out['values'][i, :n], out['bins'][i, :n] = genes, vals, bins
-        if mask_prob > 0:
-            out['target_bins'][i, :n], out['target_values'][i, :n] = target, true_vals   # values before masking
-    return {k: torch.from_numpy(v) for k, v in out.items()}
+    out = {k: torch.from_numpy(v) for k, v in out.items()}
+    if mask_prob > 0:          # each cell's stream goes on where its gene subset left it
+        out = mask_expressed(out, rngs, cfg.mask_id, mask_prob, replace_prob, masking, units, weights)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Gene annotations: where each vocab gene lies on the genome (a GENCODE-style gene table) and which gene sets
+# (pathways, GMT files) hold it. prepare_data.py writes them as annotation.h5 in a prepared dataset:
+#     chrom          int16 [n_genes]     0 = unknown (not in the gene table), else 1..n_chrom
+#     chrom_names    str [n_chrom]       chrom code c is chrom_names[c - 1]: chr1..chr22 in numeric order, chrX, chrY,
+#                                        chrM, then any others sorted; only chromosomes some vocab gene is on
+#     start, end     int64 [n_genes]     1-based coordinates as in the table, -1 = unknown
+#     pathway_ptr    int64 [n_genes + 1] CSR: gene i's kept gene sets, ascending, are
+#     pathway_idx    int32 [nnz]         pathway_idx[pathway_ptr[i]:pathway_ptr[i + 1]]
+#     pathway_names  str [n_pathways]    in the order of the --gene_sets files, then of their lines
+# and meta.json's 'annotation' entry (provenance and coverage). Without a gene table every gene is unknown; without
+# gene sets there are no pathways: both parts are always present.
+
+GENOME_COLUMNS = ('gene_id', 'gene_name', 'biotype', 'chromosome', 'start', 'end')
+ANNOTATION_FIX = "run python prepare_data.py --annotate={} --genome=<gene table> --gene_sets=<a.gmt,b.gmt>"
+
+
+class GeneTable(NamedTuple):
+    """A gene table, one entry per row in file order."""
+    gene_id: list       # str, e.g. 'ENSG00000141510.20'
+    gene_name: list     # str symbol, e.g. 'TP53' ('' = none)
+    biotype: list       # str, e.g. 'protein_coding'
+    chromosome: list    # str, e.g. 'chr17'
+    start: np.ndarray   # int64, 1-based
+    end: np.ndarray     # int64, inclusive
+
+
+def open_text(path):
+    """A text file for reading, gzip-compressed (told by its first bytes, whatever its name) or plain."""
+    import gzip
+    with open(path, 'rb') as f:
+        compressed = f.read(2) == b'\x1f\x8b'
+    opener = gzip.open if compressed else open
+    return opener(path, 'rt', encoding='utf-8-sig', newline='')  # utf-8-sig: a byte-order mark is not a column name
+
+
+def file_sha256(path):
+    """The sha256 hex digest of a file, read in 1 MB blocks."""
+    import hashlib
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_genome_table(path):
+    """A gene table, .csv or .csv.gz, with (at least) the columns gene_id, gene_name, biotype, chromosome, start, end
+    in any order -> GeneTable. csv + numpy: GENCODE's 78k human genes take about 0.2 s."""
+    import csv
+    fix = f"set --genome=<a .csv or .csv.gz gene table with columns {','.join(GENOME_COLUMNS)}>"
+    if not os.path.isfile(path):
+        raise UserError(f"gene table {path} not found ({fix})")
+    try:
+        with open_text(path) as f:
+            reader = csv.reader(f)
+            header = [h.strip() for h in next(reader, [])]
+            missing = [c for c in GENOME_COLUMNS if c not in header]
+            if missing:
+                raise UserError(f"gene table {path} has no column {', '.join(missing)} (its header: "
+                                f"{','.join(header)[:80] or 'none'}); {fix}")
+            rows = [row for row in reader if row]  # blank lines are skipped
+    except (OSError, EOFError, UnicodeDecodeError, csv.Error) as e:  # not gzip/utf-8 text, truncated
+        raise UserError(f"cannot read gene table {path} ({type(e).__name__}: {e}); {fix}") from None
+    if not rows:
+        raise UserError(f"gene table {path} has a header but no genes; {fix}")
+    wrong = next((i for i, row in enumerate(rows) if len(row) != len(header)), None)
+    if wrong is not None:
+        raise UserError(f"gene table {path}: row {wrong + 1} has {len(rows[wrong])} fields, the header "
+                        f"{len(header)}; fix that row")
+    columns = dict(zip(header, zip(*rows)))
+    gene_id = [g.strip() for g in columns['gene_id']]
+    coordinates = {}
+    for key in ('start', 'end'):
+        try:
+            coordinates[key] = np.fromiter(map(int, columns[key]), np.int64, len(rows))
+        except ValueError:
+            i = next(i for i, v in enumerate(columns[key]) if not v.strip().lstrip('+-').isdigit())
+            raise UserError(f"gene table {path}: {key} '{columns[key][i]}' of gene {gene_id[i]} (row {i + 1}) is not "
+                            f"an integer; coordinates must be whole 1-based positions") from None
+    bad = np.flatnonzero((coordinates['start'] < 1) | (coordinates['end'] < coordinates['start']))
+    if bad.size:
+        i = bad[0]
+        raise UserError(f"gene table {path}: gene {gene_id[i]} (row {i + 1}) has start {coordinates['start'][i]}, end "
+                        f"{coordinates['end'][i]}; coordinates must be 1-based with start <= end")
+    return GeneTable(gene_id, [g.strip() for g in columns['gene_name']], [b.strip() for b in columns['biotype']],
+                     [c.strip() for c in columns['chromosome']], coordinates['start'], coordinates['end'])
+
+
+def read_gmt(path):
+    """A GMT file (tab-separated lines: set name, description or URL, genes...) -> list of (name, genes list[str]),
+    in file order; a gene listed twice in a set counts once, blank lines are skipped."""
+    fix = "set --gene_sets=<a.gmt,b.gmt>: GMT files, comma-separated"
+    if not os.path.isfile(path):
+        raise UserError(f"gene set file {path} not found ({fix})")
+    sets, line_of = [], {}
+    try:
+        with open_text(path) as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                fields = line.rstrip('\r\n').split('\t')
+                if len(fields) < 2 or not fields[0].strip():
+                    what = f"{len(fields)} tab-separated field" if len(fields) < 2 else "no set name"
+                    raise UserError(f"gene set file {path} line {n} has {what}; a GMT line is name<TAB>description"
+                                    f"<TAB>gene<TAB>gene...")
+                name = fields[0].strip()
+                if name in line_of:
+                    raise UserError(f"gene set file {path} holds set '{name}' twice (lines {line_of[name]} and {n}); "
+                                    f"set names must be unique within a file")
+                line_of[name] = n
+                sets.append((name, list(dict.fromkeys(g.strip() for g in fields[2:] if g.strip()))))
+    except (OSError, EOFError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read gene set file {path} ({type(e).__name__}: {e}); {fix}") from None
+    if not sets:
+        raise UserError(f"gene set file {path} holds no gene sets ({fix})")
+    return sets
+
+
+def read_gene_sets(paths):
+    """Several GMT files -> (list of (name, genes) in file order, number of sets per file). Every set is kept; a set
+    name found in more than one file becomes '<file name without .gmt>:<name>' in each of them."""
+    if len(set(paths)) < len(paths):
+        raise UserError(f"--gene_sets lists a file twice ({','.join(paths)}); list each GMT file once")
+    per_file = [read_gmt(p) for p in paths]
+    files_of = {}
+    for p, sets in zip(paths, per_file):
+        for name, _ in sets:
+            files_of.setdefault(name, []).append(p)
+    out = []
+    for p, sets in zip(paths, per_file):
+        stem = os.path.basename(p).removesuffix('.gz').removesuffix('.gmt')
+        out += [(f'{stem}:{name}' if len(files_of[name]) > 1 else name, genes) for name, genes in sets]
+    seen = set()
+    for name, _ in out:
+        if name in seen:  # prefixed, and still the same: two files with the same name
+            raise UserError(f"gene set '{name}' is in {' and '.join(files_of[name.partition(':')[2]])}, files of the "
+                            f"same name; rename one of them")
+        seen.add(name)
+    return out, [len(sets) for sets in per_file]
+
+
+def version_free(gene_id):
+    """An Ensembl id without its version: ENSG00000223972.6 -> ENSG00000223972 (GENCODE's older
+    ENSG00000182378.14_PAR_Y keeps its _PAR_Y: it is the chrY copy, a gene of its own)."""
+    base, dot, version = gene_id.rpartition('.')
+    par = '_PAR_Y' if version.endswith('_PAR_Y') else ''
+    return base + par if dot and version.removesuffix(par).isdigit() else gene_id
+
+
+def first_rows(keys, biotype):
+    """{key: row} over the rows with a non-empty key. A key that several rows share (a symbol duplicated in the
+    table, the chrX and chrY copies of a pseudoautosomal gene) gets its first protein_coding row, or else its first
+    row, in file order: deterministic, and the coding gene is the one expression data measure."""
+    chosen = {}
+    for i, (key, kind) in enumerate(zip(keys, biotype)):
+        if key:
+            j = chosen.setdefault(key, i)
+            if kind == 'protein_coding' and biotype[j] != 'protein_coding':
+                chosen[key] = i
+    return chosen
+
+
+def chromosome_order(name):
+    """Sort key: chr1..chr22 (numeric order), chrX, chrY, chrM (or chrMT), then other names sorted ('chr' optional)."""
+    core = name[3:] if name.lower().startswith('chr') else name
+    if core.isdigit():
+        return 0, int(core), name
+    if core.upper() in ('X', 'Y', 'M', 'MT'):
+        return 1, 'XYM'.index(core.upper()[0]), name
+    return 2, 0, name
+
+
+def annotate_genes(vocab, table=None, gene_sets=(), min_set_genes=3, max_set_genes=500):
+    """Annotate vocab genes (list[str]) from a GeneTable (or None) and gene sets (list of (name, genes)) ->
+    (annotation: dict of annotation.h5's arrays, coverage: dict of counts).
+
+    A vocab gene is found in the table by its Ensembl id (versions ignored on both sides), else by its exact
+    gene_name, else by its gene_name ignoring case when only one of the table's names matches that way; duplicated
+    ids or names take their first protein_coding row, else their first row (first_rows). A gene is in a gene set when
+    the set lists its symbol (the table's gene_name for a gene found by id, else the vocab entry): each symbol a set
+    lists stands for the vocab genes of exactly that symbol, or, when there are none, for those of the one vocab
+    symbol equal to it ignoring case (none when several are). Only sets with min_set_genes to
+    max_set_genes vocab genes (inclusive) are kept: one or two genes say nothing about a set, and near-universal ones
+    (e.g. Reactome's 'Metabolism') say nothing about a gene."""
+    n = len(vocab)
+    row, how = np.full(n, -1, np.int64), np.zeros(n, np.int8)  # how: 0 unknown, 1 id, 2 symbol, 3 case-insensitive
+    if table is not None:
+        by_id = first_rows([version_free(g) for g in table.gene_id], table.biotype)
+        by_name = first_rows(table.gene_name, table.biotype)
+        folded = {}
+        for name in by_name:
+            folded.setdefault(name.lower(), []).append(name)
+        for i, gene in enumerate(vocab):
+            if not gene:
+                continue
+            if version_free(gene) in by_id:
+                row[i], how[i] = by_id[version_free(gene)], 1
+            elif gene in by_name:
+                row[i], how[i] = by_name[gene], 2
+            elif len(folded.get(gene.lower(), ())) == 1:
+                row[i], how[i] = by_name[folded[gene.lower()][0]], 3
+    found = np.flatnonzero(row >= 0)
+    chromosomes = [table.chromosome[r] for r in row[found]] if table is not None else []
+    chrom_names = sorted(set(chromosomes), key=chromosome_order)
+    code = {c: k + 1 for k, c in enumerate(chrom_names)}
+    chrom, start, end = np.zeros(n, np.int16), np.full(n, -1, np.int64), np.full(n, -1, np.int64)
+    if found.size:
+        chrom[found] = [code[c] for c in chromosomes]
+        start[found], end[found] = table.start[row[found]], table.end[row[found]]
+
+    symbols = [table.gene_name[row[i]] if how[i] == 1 else gene for i, gene in enumerate(vocab)]
+    exact, folded = {}, {}  # symbol -> its vocab genes; lower-case symbol -> the distinct symbols
+    for i, s in enumerate(symbols):
+        if s:
+            exact.setdefault(s, []).append(i)
+    for s in exact:
+        folded.setdefault(s.lower(), []).append(s)
+    members = {}  # a symbol a set lists -> the vocab genes it stands for
+    for g in {g for _, genes in gene_sets for g in genes}:
+        match = g if g in exact else folded[g.lower()][0] if len(folded.get(g.lower(), ())) == 1 else None
+        members[g] = exact[match] if match else []
+    gene_of, set_of, pathway_names = [], [], []
+    for name, genes in gene_sets:
+        in_vocab = sorted({i for g in genes for i in members[g]})
+        if min_set_genes <= len(in_vocab) <= max_set_genes:
+            gene_of += in_vocab
+            set_of += [len(pathway_names)] * len(in_vocab)
+            pathway_names.append(name)
+    gene_of, set_of = np.array(gene_of, np.int64), np.array(set_of, np.int32)
+    order = np.lexsort((set_of, gene_of))  # by gene, then set id
+    pathway_ptr = np.concatenate([[0], np.cumsum(np.bincount(gene_of, minlength=n))]).astype(np.int64)
+    annotation = {'chrom': chrom, 'chrom_names': chrom_names, 'start': start, 'end': end, 'pathway_ptr': pathway_ptr,
+                  'pathway_idx': set_of[order], 'pathway_names': pathway_names}
+    in_a_set = int((np.diff(pathway_ptr) > 0).sum())
+    coverage = {'n_genes': n, 'by_id': int((how == 1).sum()), 'by_symbol': int((how == 2).sum()),
+                'case_insensitive': int((how == 3).sum()), 'unknown': int((how == 0).sum()),
+                'n_chrom': len(chrom_names), 'sets_read': len(gene_sets), 'sets_kept': len(pathway_names),
+                'genes_in_a_set': in_a_set, 'mean_sets_per_gene': len(gene_of) / in_a_set if in_a_set else 0.0}
+    return annotation, coverage
+
+
+def write_annotation(path, annotation):
+    """annotate_genes' arrays -> an annotation.h5 file at path."""
+    text = h5py.string_dtype('utf-8')
+    with h5py.File(path, 'w') as f:
+        for key, dtype in (('chrom', np.int16), ('start', np.int64), ('end', np.int64), ('pathway_ptr', np.int64),
+                           ('pathway_idx', np.int32)):
+            f.create_dataset(key, data=np.asarray(annotation[key], dtype=dtype))
+        for key in ('chrom_names', 'pathway_names'):
+            f.create_dataset(key, shape=(len(annotation[key]),), dtype=text)
+            if annotation[key]:
+                f[key][:] = np.array(annotation[key], dtype=object)
+
+
+def read_annotation(path, n_genes):
+    """A prepared dataset's annotation.h5 -> dict: chrom, start, end, pathway_ptr, pathway_idx (np.int64 arrays),
+    chrom_names, pathway_names (list[str]). UserError when it is missing or inconsistent."""
+    file = os.path.join(path, 'annotation.h5')
+    if not os.path.isfile(file):
+        raise UserError(f"{path} has no gene annotation: {ANNOTATION_FIX.format(path)}")
+    try:
+        with h5py.File(file, 'r') as f:
+            out = {k: f[k][:].astype(np.int64) for k in ('chrom', 'start', 'end', 'pathway_ptr', 'pathway_idx')}
+            out.update({k: f[k].asstr()[:].tolist() for k in ('chrom_names', 'pathway_names')})
+        ptr, idx = out['pathway_ptr'], out['pathway_idx']
+        problems = [
+            (len(out['chrom']), len(out['start']), len(out['end']), len(ptr)) != (n_genes,) * 3 + (n_genes + 1,)
+            and f"arrays of {len(out['chrom'])} genes, the dataset has {n_genes}",
+            not 0 <= out['chrom'].min(initial=0) <= out['chrom'].max(initial=0) <= len(out['chrom_names'])
+            and "chrom codes out of range",
+            (ptr[0] != 0 or (np.diff(ptr) < 0).any() or ptr[-1] != len(idx)) and "pathway_ptr is not a CSR pointer",
+            idx.size and not 0 <= idx.min() <= idx.max() < len(out['pathway_names']) and "pathway ids out of range"]
+        problem = next((p for p in problems if p), None)
+        if problem:
+            raise ValueError(problem)
+    except (OSError, KeyError, ValueError, TypeError, IndexError) as e:
+        raise UserError(f"{file} is corrupt ({type(e).__name__}: {e}); {ANNOTATION_FIX.format(path)}") from None
+    return out

@@ -31,6 +31,13 @@ with the parts of modern LMs as options: grouped-query attention through F.scale
 on GPU), RMSNorm (llama), SwiGLU (Shazeer 2020), bias-free linears, and a sparse mixture of experts in place of the MLP
 (Switch Transformer, Fedus et al. 2022; Mixtral's top-2).
 
+Ideas from ALBERT, DeBERTa and biology, each a flag: a factorized gene embedding (V×E then E×C, embd_factor) and
+cross-layer sharing (share_layers) from ALBERT (Lan et al. 2020); DeBERTa's disentangled attention (He et al. 2021)
+whose relative positions are genomic: the distance between two genes on one chromosome in log buckets, or "different
+chromosome" (genomic_buckets); and two gene encodings added to the gene embedding, the gene's chromosome and start
+coordinate (genomic_pe) and the sum of its pathways' embeddings (pathway_enc). The annotation they read (chromosome,
+start, gene sets) comes from prepare_data.py and is stored in buffers, so it travels with the checkpoint.
+
 Distillation (DistilBERT, Sanh et al. 2019) needs three small pieces here: distil_student (a student from every other
 teacher layer), kd_loss (soft targets, with T²) and cosine_loss (hidden states); train.py combines them.
 
@@ -78,6 +85,16 @@ class ModelConfig:
     n_expert: int = 0               # > 0: a sparse mixture of n_expert MLPs replaces each block's MLP
     n_expert_active: int = 2        # experts per token (top-k)
     bitlinear: bool = False         # BitNet b1.58 quantization-aware training: ternary attention/feed-forward weights
+    # ALBERT, DeBERTa and biology (the gene annotation comes from prepare_data.py --genome / --gene_sets)
+    embd_factor: int = 0            # > 0: ALBERT's factorized gene embedding, a V×E table then an E×n_embd projection
+    share_layers: str = 'none'      # ALBERT's cross-layer sharing: 'none' | 'all' (one block) | 'attention' | 'ffn'
+    genomic_pe: bool = False        # add a chromosome embedding + a sinusoidal encoding of the gene's start coordinate
+    disentangled: bool = False      # DeBERTa's disentangled attention over genomic relative positions (sdpa only)
+    n_pos_buckets: int = 16         # disentangled: log-distance buckets per direction (2 * n_pos_buckets + 1 in all)
+    n_chrom: int = 0                # chromosomes in the gene annotation (set from the dataset by train.py)
+    pathway_enc: bool = False       # add the sum of the gene's pathway embeddings (gene sets from GMT files)
+    n_pathways: int = 0             # gene sets in the annotation (set from the dataset)
+    n_pathway_links: int = 0        # (gene, set) pairs in the annotation (set from the dataset)
 
     def __post_init__(self):
         if self.nb_features == 0:
@@ -91,6 +108,12 @@ class ModelConfig:
         assert self.norm in ('layernorm', 'rmsnorm') and self.mlp in ('gelu', 'swiglu'), (self.norm, self.mlp)
         assert self.n_head % self.n_kv_head == 0, 'n_head must be a multiple of n_kv_head'
         assert self.n_expert == 0 or 1 <= self.n_expert_active <= self.n_expert, 'need 1 <= n_expert_active <= n_expert'
+        assert self.share_layers in ('none', 'all', 'attention', 'ffn'), self.share_layers
+        # a shared MoE would keep only its last call's load-balancing loss
+        assert not (self.n_expert and self.share_layers in ('all', 'ffn')), "share_layers='all'/'ffn' needs n_expert=0"
+        # DeBERTa's position terms are added to the L×L scores, which FAVOR+ never forms
+        assert not self.disentangled or self.attention == 'sdpa', "disentangled=True needs attention='sdpa'"
+        assert self.embd_factor >= 0 and self.n_pos_buckets >= 2, (self.embd_factor, self.n_pos_buckets)
         if self.input_genes == 'expressed':
             # padded batches need a key mask, which FAVOR+ does not take
             assert self.attention == 'sdpa', "input_genes='expressed' needs attention='sdpa'"
@@ -164,6 +187,42 @@ def favor_attention(q, k, v, projection, batch_max=False):
 
 
 # -----------------------------------------------------------------------------
+# genomic positions: a gene's place on its chromosome is the only "position" a cell's genes have (their order in the
+# panel, or in the expressed-gene input, means nothing), so the positional encodings below read the annotation's
+# chromosome and start coordinate. Distances run from 1 kb (neighbouring genes) to 250 Mb (the longest chromosome).
+GENOMIC_MIN_DIST, GENOMIC_MAX_DIST = 1e3, 2.5e8
+
+
+def genomic_buckets(chrom, start, n_pos_buckets):
+    """DeBERTa's relative positions, made genomic: the bucket of key gene j seen from query gene i.
+
+    chrom (..., L) long (0 = unknown), start (..., L) float -> (..., L, L) long in [0, 2 * n_pos_buckets + 1):
+        0 = the two genes are on different chromosomes;   1 = either gene has no coordinates (and the CLS token);
+        2 + (n - 1) + sign(d) * level:  d = start_j - start_i on the same chromosome, level 0 for |d| <= 1 kb, rising
+        in n - 1 log-spaced steps to n - 1 at |d| >= 250 Mb (DeBERTa's log buckets: near pairs get fine resolution)."""
+    n = n_pos_buckets
+    d = start[..., None, :] - start[..., :, None]                                  # (..., L, L): start_j - start_i
+    frac = torch.log(d.abs().clamp(min=GENOMIC_MIN_DIST) / GENOMIC_MIN_DIST) / math.log(GENOMIC_MAX_DIST / GENOMIC_MIN_DIST)
+    level = (frac * (n - 1)).ceil().clamp(max=n - 1).long()
+    bucket = 2 + (n - 1) + torch.sign(d).long() * level
+    same = chrom[..., :, None] == chrom[..., None, :]
+    known = (chrom > 0)[..., :, None] & (chrom > 0)[..., None, :]
+    return torch.where(known, torch.where(same, bucket, 0), 1)
+
+
+def genomic_sinusoid(start, dim):
+    """Transformer sinusoids (Vaswani et al. 2017) of a gene's start coordinate in base pairs: (...,) float ->
+    (..., dim), sin in the first half and cos in the second, wavelengths geometric from 1 kb to 250 Mb, so neighbouring
+    genes differ in the fast dimensions and distant ones in the slow. Computed in float64 (a coordinate of 2e8 times the
+    fastest frequency needs the precision), returned as float32."""
+    half = dim // 2
+    wavelength = GENOMIC_MIN_DIST * (GENOMIC_MAX_DIST / GENOMIC_MIN_DIST) ** (torch.arange(half, dtype=torch.float64,
+                                                                                             device=start.device) / max(1, half - 1))
+    angle = start.double()[..., None] * (2 * math.pi / wavelength)                  # (..., half)
+    return F.pad(torch.cat([angle.sin(), angle.cos()], -1), (0, dim - 2 * half)).float()
+
+
+# -----------------------------------------------------------------------------
 # the transformer
 
 class RMSNorm(nn.Module):
@@ -203,6 +262,9 @@ class Attention(nn.Module):
         self.to_v = make_linear(config, config.n_embd, config.n_kv_head * config.dim_head, bias=False)
         self.to_out = make_linear(config, config.n_head * config.dim_head, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
+        if config.disentangled:        # DeBERTa's position projections W_q,r and W_k,r (one per layer; P is shared)
+            self.pos_q = make_linear(config, config.n_embd, config.n_head * config.dim_head, bias=False)
+            self.pos_k = make_linear(config, config.n_embd, config.n_head * config.dim_head, bias=False)
         if config.attention == 'performer':
             self.register_buffer('projection_matrix', torch.zeros(config.nb_features, config.dim_head))
             self.redraw(0)
@@ -213,19 +275,39 @@ class Attention(nn.Module):
         w = orthogonal_random_features(self.config.nb_features, self.config.dim_head, generator=g)
         self.projection_matrix.copy_(w)
 
-    def forward(self, x, attn_mask=None):                    # x (B, L, n_embd); attn_mask (B, 1, 1, L) bool or None
-        B, L, _ = x.shape
+    def forward(self, x, attn_mask=None, rel=None):          # x (B, L, n_embd); attn_mask (B, 1, 1, L) bool or None
+        B, L, _ = x.shape                                     # rel: (P (R, n_embd), buckets (B or 1, L, L)) or None
         q = self.to_q(x).view(B, L, self.n_head, -1).transpose(1, 2)                         # (B, n_head, L, d)
         k, v = (proj(x).view(B, L, self.n_kv_head, -1).transpose(1, 2) for proj in (self.to_k, self.to_v))
         k, v = repeat_kv(k, self.n_head // self.n_kv_head), repeat_kv(v, self.n_head // self.n_kv_head)
         if self.config.attention == 'performer':
             out = favor_attention(q, k, v, self.projection_matrix, self.config.favor_batch_max)
+        elif rel is not None:
+            out = self.disentangled(q, k, v, attn_mask, *rel)
         else:
             # attn_mask hides the padding keys; None when the batch has no padding, which keeps the flash kernel usable
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
                                                  dropout_p=self.config.dropout if self.training else 0.0)
         out = out.transpose(1, 2).reshape(B, L, -1)          # (B, L, n_head * dim_head)
         return self.dropout(self.to_out(out))
+
+    def disentangled(self, q, k, v, attn_mask, pos, bucket):
+        """DeBERTa (He et al. 2021, eq. 4): score(i, j) = q_i·k_j + q_i·K^r_δ(i,j) + k_j·Q^r_δ(j,i), scaled by 1/√(3d):
+        content-to-content, content-to-position and position-to-content. δ is genomic_buckets' relative bucket, P (R, C)
+        the shared relative-position embeddings. The two position terms are an additive bias handed to SDPA."""
+        B, H, L, d = q.shape
+        R = pos.shape[0]
+        k_r = self.pos_k(pos).view(R, H, d).transpose(0, 1)          # (H, R, d)
+        q_r = self.pos_q(pos).view(R, H, d).transpose(0, 1)
+        index = bucket.unsqueeze(1).expand(B, H, L, L)                # (B, H, L, L): δ(i, j) at [i, j]
+        c2p = (q @ k_r.transpose(-2, -1)).gather(-1, index)                       # [i, j] = q_i · K^r_δ(i,j)
+        p2c = (k @ q_r.transpose(-2, -1)).gather(-1, index).transpose(-2, -1)     # [i, j] = k_j · Q^r_δ(j,i)
+        scale = 1 / math.sqrt(3 * d)
+        bias = (c2p + p2c) * scale
+        if attn_mask is not None:                                     # padding keys: -inf
+            bias = bias.masked_fill(~attn_mask, float('-inf'))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), scale=scale,
+                                              dropout_p=self.config.dropout if self.training else 0.0)
 
 
 class MLP(nn.Module):
@@ -312,8 +394,8 @@ class Block(nn.Module):
         self.ln_2 = make_norm(config)
         self.mlp = MoE(config) if config.n_expert else MLP(config)
 
-    def forward(self, x, attn_mask=None, valid=None):        # x (B, L, C); valid (B, L) bool: the non-padding tokens
-        x = x + self.attn(self.ln_1(x), attn_mask)
+    def forward(self, x, attn_mask=None, valid=None, rel=None):  # x (B, L, C); valid (B, L) bool: the real tokens
+        x = x + self.attn(self.ln_1(x), attn_mask, rel)
         h = self.ln_2(x)
         if isinstance(self.mlp, MoE):                         # route the real tokens only: padding must not count
             flat = h.flatten(0, 1)
@@ -422,9 +504,30 @@ class ScBERT(nn.Module):
             self.token_emb = nn.Embedding(config.n_bins + 2, config.n_embd)
         # scBERT: the original's gene2vec "positional" embedding, one row per panel position (+ the appended 0 token);
         # expressed input: one row per gene, + the CLS token's (the last row)
-        self.gene_emb = nn.Embedding(config.seq_len, config.n_embd)
+        # ALBERT's factorization (Lan et al. 2020, Sec. 3.1): V×E + E×C parameters instead of V×C, for E << C
+        self.gene_emb = nn.Embedding(config.seq_len, config.embd_factor or config.n_embd)
+        self.gene_proj = nn.Linear(config.embd_factor, config.n_embd, bias=False) if config.embd_factor else None
+        if config.genomic_pe or config.disentangled:         # each gene's (chromosome, start); 0 = unknown, as the CLS row
+            self.register_buffer('gene_chrom', torch.zeros(config.seq_len, dtype=torch.long))
+            self.register_buffer('gene_start', torch.zeros(config.seq_len))
+        self.chrom_emb = nn.Embedding(config.n_chrom + 1, config.n_embd) if config.genomic_pe else None
+        if config.pathway_enc:                               # gene -> its gene sets, CSR (the CLS row has none)
+            self.register_buffer('pathway_ptr', torch.zeros(config.seq_len + 1, dtype=torch.long))
+            self.register_buffer('pathway_idx', torch.zeros(config.n_pathway_links, dtype=torch.long))
+        self.pathway_emb = nn.Embedding(max(1, config.n_pathways), config.n_embd) if config.pathway_enc else None
+        # DeBERTa shares one table of relative-position embeddings P across the layers; each layer projects it
+        self.rel_emb = nn.Embedding(2 * config.n_pos_buckets + 1, config.n_embd) if config.disentangled else None
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        # ALBERT's cross-layer sharing (Sec. 3.1): every block reuses block 0's attention, feed-forward, or all of it.
+        # The same module in several places: parameters() counts it once, the optimizer updates it once per step.
+        for block in self.blocks[1:]:
+            if config.share_layers in ('attention', 'all'):
+                block.attn = self.blocks[0].attn
+            if config.share_layers in ('ffn', 'all'):
+                block.mlp = self.blocks[0].mlp
+            if config.share_layers == 'all':
+                block.ln_1, block.ln_2 = self.blocks[0].ln_1, self.blocks[0].ln_2
         self.ln_f = make_norm(config)
         self.lm_head = nn.Linear(config.n_embd, config.n_bins + 2)
         self.value_head = nn.Linear(config.n_embd, 1) if expressed else None   # masked regression
@@ -437,6 +540,9 @@ class ScBERT(nn.Module):
             # from the start, or every value gets the same embedding and the model sees only which genes are expressed
             self.value_emb.w1.reset_parameters()
             self.value_emb.w2.reset_parameters()
+        if self.pathway_emb is not None:
+            # a gene is in ~10-50 sets: N(0, 0.1) keeps the sum of its pathways' embeddings below its own N(0, 1) identity
+            nn.init.normal_(self.pathway_emb.weight, std=0.1)
         self.gene_emb.weight.requires_grad_(not config.freeze_gene_emb)
         # the classifier keeps PyTorch's default init, as the original's head does: with N(0, 0.02) its 766-gene fc1
         # starts ~50x too small and the head barely trains
@@ -472,7 +578,8 @@ class ScBERT(nn.Module):
                                  for w in (block.mlp.w1, block.mlp.w2, block.mlp.w3) if w is not None)
                 n -= (block.mlp.n_expert - block.mlp.top_k) * per_expert
         if not embeddings:
-            n -= sum(m.weight.numel() for m in (self.gene_emb, getattr(self, 'token_emb', None)) if m is not None)
+            n -= sum(m.weight.numel() for m in (self.gene_emb, getattr(self, 'token_emb', None), self.chrom_emb,
+                                                self.pathway_emb) if m is not None)
         return n
 
     def expert_load(self, reset=True):
@@ -489,6 +596,7 @@ class ScBERT(nn.Module):
 
     def set_gene_embedding(self, weight, freeze=True):
         """Load a gene2vec-style table (n_genes, n_embd) in panel order; the extra last position gets a zero row."""
+        assert not self.config.embd_factor, 'a gene2vec table replaces the factorized embedding: use embd_factor=0'
         weight = torch.as_tensor(weight, dtype=torch.float32)
         assert weight.shape == (self.config.n_genes, self.config.n_embd), weight.shape
         with torch.no_grad():
@@ -496,6 +604,49 @@ class ScBERT(nn.Module):
             self.gene_emb.weight[-1] = 0
         self.config.freeze_gene_emb = freeze
         self.gene_emb.weight.requires_grad_(not freeze)
+
+    @torch.no_grad()
+    def set_gene_annotation(self, chrom=None, start=None, pathway_ptr=None, pathway_idx=None):
+        """The dataset's gene annotation (data.Dataset.annotation(), vocab order) into the buffers: chrom (n_genes,)
+        0 = unknown, start (n_genes,) base pairs, -1 = unknown; pathway_ptr (n_genes + 1,) / pathway_idx: gene -> its
+        gene sets (CSR). The last position (CLS, or scBERT's appended token) stays unknown and in no set. The buffers are
+        saved with the weights, so a checkpoint carries its annotation to predict.py."""
+        n = self.config.n_genes
+        if chrom is not None and hasattr(self, 'gene_chrom'):
+            chrom = torch.as_tensor(chrom, dtype=torch.long)
+            assert chrom.shape == (n,), chrom.shape
+            assert not self.config.genomic_pe or int(chrom.max()) <= self.config.n_chrom, 'chrom codes above n_chrom'
+            self.gene_chrom[:n] = chrom
+            self.gene_start[:n] = torch.as_tensor(start, dtype=torch.float32).clamp(min=0) * (chrom > 0)
+        if pathway_ptr is not None and self.config.pathway_enc:
+            ptr = torch.as_tensor(pathway_ptr, dtype=torch.long)
+            assert ptr.shape == (n + 1,) and int(ptr[-1]) == self.config.n_pathway_links, (ptr.shape, int(ptr[-1]))
+            self.pathway_ptr[:n + 1] = ptr
+            self.pathway_ptr[n + 1] = ptr[-1]                 # the CLS row: an empty set
+            self.pathway_idx.copy_(torch.as_tensor(pathway_idx, dtype=torch.long))
+
+    def gene_embedding(self, genes):
+        """What a gene contributes to its token: its identity (factorized or not), plus its genomic position and its
+        pathways when those are on. genes: any-shaped long tensor of embedding rows (n_genes = the CLS / appended row)
+        -> (..., n_embd)."""
+        e = self.gene_emb(genes)
+        if self.gene_proj is not None:
+            e = self.gene_proj(e)
+        if self.chrom_emb is not None:
+            known = (self.gene_chrom[genes] > 0).unsqueeze(-1)
+            e = e + self.chrom_emb(self.gene_chrom[genes]) + genomic_sinusoid(self.gene_start[genes], e.shape[-1]) * known
+        if self.pathway_emb is not None:                     # (n_genes + 1, C): each gene's sum over its sets, then look up
+            table = F.embedding_bag(self.pathway_idx, self.pathway_emb.weight, self.pathway_ptr[:-1], mode='sum')
+            e = e + table[genes]
+        return e
+
+    def token_genes(self, x):
+        """Each token's gene (its embedding row): scBERT's panel positions (L,), or for expressed input (B, 1 + T)
+        with the CLS row first (padding reads row 0: its outputs are masked and ignored)."""
+        if not isinstance(x, dict):
+            return torch.arange(x.shape[1], device=x.device)
+        genes = x['genes'].clamp(min=0)
+        return torch.cat([genes.new_full((len(genes), 1), self.config.seq_len - 1), genes], dim=1)
 
     @torch.compiler.disable
     def _maybe_redraw_features(self):
@@ -512,16 +663,15 @@ class ScBERT(nn.Module):
         input a dict of (B, T) tensors: 'genes' (vocab index, -1 = padding), 'values' (log-normalized expression) and
         'bins' (the value's bin, n_bins + 1 = masked). A CLS token goes first: L = 1 + T."""
         if not isinstance(x, dict):
-            return self.token_emb(x) + self.gene_emb.weight[:x.shape[1]]
+            return self.token_emb(x) + self.gene_embedding(self.token_genes(x))
         genes, bins = x['genes'], x['bins']
         if self.config.value_emb == 'continuous':
             masked = (bins == self.config.mask_id).unsqueeze(-1)
             value = torch.where(masked, self.mask_emb.to(x['values'].dtype), self.value_emb(x['values']))
         else:
             value = self.token_emb(bins)
-        tokens = self.gene_emb(genes.clamp(min=0)) + value                 # (B, T, C)
-        cls = self.gene_emb.weight[-1].expand(len(genes), 1, -1)            # (B, 1, C)
-        return torch.cat([cls, tokens], dim=1)
+        value = torch.cat([value.new_zeros(len(genes), 1, value.shape[-1]), value], dim=1)   # the CLS token has none
+        return self.gene_embedding(self.token_genes(x)) + value            # (B, 1 + T, C)
 
     def encode(self, x):
         """-> hidden states (B, L, n_embd) after the final norm (see embed for x; padding positions hold junk)."""
@@ -531,8 +681,13 @@ class ScBERT(nn.Module):
         # SDPA's boolean mask: True = may attend. No mask at all when nothing is padded, so flash attention stays usable.
         attn_mask = None if valid is None or bool(valid.all()) else valid[:, None, None, :]
         h = self.drop(self.embed(x))
+        rel = None
+        if self.config.disentangled:                         # the genomic relative buckets, once for every layer
+            genes = self.token_genes(x)
+            bucket = genomic_buckets(self.gene_chrom[genes], self.gene_start[genes], self.config.n_pos_buckets)
+            rel = (self.rel_emb.weight, bucket if bucket.dim() == 3 else bucket.unsqueeze(0))   # (B or 1, L, L)
         for block in self.blocks:
-            h = block(h, attn_mask, valid)
+            h = block(h, attn_mask, valid, rel)
         return self.ln_f(h)
 
     def aux_losses(self):

@@ -33,8 +33,8 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from data import (Dataset, UserError, atomic_write, cell_seeds, expressed_batch, fold_split, load_checkpoint,
-                  mask_tokens, scbert_tokens)
+from data import (Dataset, UserError, atomic_write, cell_seeds, dynamic_mask_rate, expressed_batch, fold_split,
+                  load_checkpoint, mask_expressed, mask_panel, masking_units, parse_multiscale_weights, scbert_tokens)
 from metrics import classification_metrics, fit_logistic_regression, format_metrics_line, plot_confusion, plot_loss
 from model import (Classifier, ModelConfig, ScBERT, as_bitlinear, calibrate_bitlinear, clean_state_dict, cosine_loss,
                    distil_student, kd_loss, token_valid)
@@ -67,6 +67,13 @@ dropout = 0.0                  # dropout in attention, MLP and classifier
 head = 'scbert'                # classifier: 'scbert' (the original's, over all genes) | 'pooled' (mean over genes)
 head_hidden = 128              # classifier hidden width
 gene2vec = ''                  # .npy gene embedding (n_genes, n_embd) in vocab order, loaded and frozen ('' = learned)
+# ALBERT, DeBERTa and biology (genomic and pathway options need the dataset's annotation: prepare_data.py --annotate)
+embd_factor = 0                # > 0: ALBERT's factorized gene embedding, n_genes×E then E×n_embd (0 = one n_genes×n_embd table)
+share_layers = 'none'          # ALBERT's cross-layer sharing: 'none' | 'all' (one block, n_layer times) | 'attention' | 'ffn'
+genomic_pe = False             # add a chromosome embedding + sinusoids of each gene's start coordinate (genomic position)
+disentangled = False           # DeBERTa's disentangled attention, relative positions = genomic distance buckets (sdpa)
+n_pos_buckets = 16             # disentangled: log-distance buckets per direction, 1 kb to 250 Mb (+ different chromosome)
+pathway_enc = False            # add the sum of each gene's pathway (gene set) embeddings
 # scBERT 2.0 (the defaults are scBERT's; see config/scbert2*.py)
 input_genes = 'all'            # 'all' (scBERT: every panel gene) | 'expressed' (CLS + the expressed genes only)
 value_emb = 'bins'             # expressed: 'bins' (scBERT's) | 'quantile' (per-cell, scGPT) | 'continuous' (xTrimoGene)
@@ -104,8 +111,17 @@ beta2 = 0.999                  # Adam beta2
 grad_clip = 1.0                # clip the gradient norm (0 = off)
 finetune_params = 'all'        # what trains: 'all' | 'head' (classifier only) | 'scbert' (the original: head, final norm, block[-2])
 class_weights = False          # weight the loss by inverse class frequency in the training folds
-mask_prob = 0.15               # pretraining: fraction of each cell's non-zero genes masked (scBERT's)
+mask_prob = 0.15               # pretraining: fraction of each cell's non-zero genes masked (scBERT's; of all its tokens
+                               # for masking=random); validation always masks at this rate, whatever the masking
 replace_prob = 0.9             # pretraining: fraction of masked genes replaced by the mask token (scBERT's)
+masking = 'nonzero'            # pretraining: which genes are masked: 'random' (any token, zeros too) | 'nonzero' (scBERT's:
+                               # expressed genes only) | 'dynamic' (nonzero at a rate that falls as the masked accuracy
+                               # grows) | 'pathway' (whole gene sets) | 'multiscale' (genes, gene sets and chromosome
+                               # regions); pathway and multiscale need prepare_data.py --annotate (see data.py, README)
+mask_prob_min = 0.1            # masking=dynamic: rate = clip(max - (max - min) × acc, min, max), acc = EMA (0.9) of the
+mask_prob_max = 0.3            # masking=dynamic: training steps' masked-bin accuracy, from 0: the rate starts at max
+region_genes = 16              # masking=multiscale: genes per chromosome region (consecutive vocab genes in genomic order)
+multiscale_weights = '1,1,1'   # masking=multiscale: how often each scale is drawn: single genes, pathways, regions
 baseline = True                # also fit logistic regression on the same folds and print it beside the model
 baseline_max_cells = 20000     # fit the baseline on at most this many training cells (a stratified sample)
 lr_C = 1.0                     # inverse L2 strength of the logistic-regression baseline
@@ -137,7 +153,7 @@ choices = dict(mode=('pretrain', 'finetune'), finetune_params=('all', 'head', 's
                optimizer=('adamw', 'adam', 'adafactor'), lr_schedule=('linear', 'cosine', 'constant'),
                attention=('performer', 'sdpa'), head=('scbert', 'pooled', 'cls'), dtype=('auto', 'float32', 'bfloat16', 'float16'),
                input_genes=('all', 'expressed'), value_emb=('bins', 'quantile', 'continuous'), norm=('layernorm', 'rmsnorm'),
-               mlp=('gelu', 'swiglu'))
+               mlp=('gelu', 'swiglu'), share_layers=('none', 'all', 'attention', 'ffn'))
 for name, allowed in choices.items():
     if globals()[name] not in allowed:
         raise UserError(f"{name} must be one of {', '.join(allowed)}, not '{globals()[name]}' (set --{name}=...)")
@@ -152,6 +168,14 @@ if init_from == 'scratch' and input_genes == 'all' and head == 'cls':
     raise UserError("head='cls' needs --input_genes=expressed (scBERT's input has no CLS token); use scbert or pooled")
 if n_kv_head < 0 or n_head % (n_kv_head or n_head):
     raise UserError(f'n_head ({n_head}) must be a multiple of n_kv_head ({n_kv_head}) (set --n_kv_head=1, 2, ... or 0)')
+if init_from == 'scratch' and disentangled and attention != 'sdpa':
+    raise UserError('disentangled attention adds position terms to the L×L scores, which FAVOR+ never forms: set '
+                    '--attention=sdpa')
+if init_from == 'scratch' and n_expert and share_layers in ('all', 'ffn'):
+    raise UserError(f"share_layers='{share_layers}' shares the feed-forward, which MoE does not support: set "
+                    f"--n_expert=0 or --share_layers=attention")
+if embd_factor < 0 or n_pos_buckets < 2:
+    raise UserError('embd_factor must be >= 0 and n_pos_buckets >= 2')
 if n_expert and not 1 <= n_expert_active <= n_expert:
     raise UserError(f'n_expert_active must be between 1 and n_expert ({n_expert}), not {n_expert_active}')
 if os.environ.get('NANOSCBERT_DISTILL') and not teacher:   # set by distill.py
@@ -166,6 +190,12 @@ if teacher and init_from not in ('scratch', 'resume'):
     raise UserError(f"with a teacher the student is made from it: use --init_from=scratch (or resume), not '{init_from}'")
 if temperature <= 0 or min(alpha_ce, alpha_mlm, alpha_cos, alpha_mse) < 0 or student_n_embd < 0:
     raise UserError('temperature must be > 0, and alpha_ce, alpha_mlm, alpha_cos, alpha_mse and student_n_embd >= 0')
+masking_units(None, masking)                                     # an unknown strategy: stop here
+if not 0 < mask_prob <= 1 or not 0 < mask_prob_min <= mask_prob_max <= 1 or region_genes < 1:
+    raise UserError(f'mask_prob ({mask_prob}) must be in (0, 1], 0 < mask_prob_min ({mask_prob_min}) <= mask_prob_max '
+                    f'({mask_prob_max}) <= 1, and region_genes ({region_genes}) >= 1')
+scale_weights = parse_multiscale_weights(multiscale_weights)     # (single gene, pathway, region)
+dynamic = mode == 'pretrain' and masking == 'dynamic'            # the training process masks each batch at the live rate
 
 # DDP: torchrun sets RANK; one process per GPU, or per CPU slot with gloo
 ddp = int(os.environ.get('RANK', -1)) != -1
@@ -218,6 +248,13 @@ data = Dataset(dataset, preload=preload)
 n_folds = data.n_folds
 if mode == 'finetune' and not data.label_names:
     raise UserError(f'{dataset} has no labels; prepare it with --label_key=<obs column> to fine-tune, or use --mode=pretrain')
+# pathway and multiscale masking: the gene annotation, indexed once (None for the other strategies)
+mask_units = masking_units(data if mode == 'pretrain' else None, masking, region_genes)
+if mask_units is not None:
+    in_a_set = int((np.diff(mask_units.gene_ptr) > 0).sum())
+    log(f'masking={masking}: {mask_units.n_sets} gene sets hold {in_a_set} of the {data.n_genes} genes'
+        + (f'; {len(mask_units.order)} genes have coordinates (regions of {region_genes}), weights '
+           f'{multiscale_weights} (single genes, pathways, regions)' if masking == 'multiscale' else ''))
 
 
 def make_model(k, fold_dir, train_idx, teacher_model=None):
@@ -229,7 +266,13 @@ def make_model(k, fold_dir, train_idx, teacher_model=None):
                       feature_redraw_interval=feature_redraw_interval, dropout=dropout, n_classes=n_classes,
                       head=head, head_hidden=head_hidden, seed=seed, input_genes=input_genes, value_emb=value_emb,
                       max_genes=max_genes, n_zero_genes=n_zero_genes, n_kv_head=n_kv_head, norm=norm, mlp=mlp,
-                      bias=bias, n_expert=n_expert, n_expert_active=n_expert_active, bitlinear=bitlinear)
+                      bias=bias, n_expert=n_expert, n_expert_active=n_expert_active, bitlinear=bitlinear,
+                      embd_factor=embd_factor, share_layers=share_layers, genomic_pe=genomic_pe,
+                      disentangled=disentangled, n_pos_buckets=n_pos_buckets, pathway_enc=pathway_enc)
+    if genomic_pe or disentangled or pathway_enc:                  # the shapes of the annotation's buffers
+        note = data.annotation()
+        model_args.update(n_chrom=len(note['chrom_names']), n_pathways=len(note['pathway_names']),
+                          n_pathway_links=len(note['pathway_idx']))
     path = os.path.join(fold_dir, 'ckpt.pt') if init_from == 'resume' else init_from.replace('{fold}', str(k))
     if init_from == 'resume' and fold == 'all' and not os.path.exists(path):
         log(f'{path} not found: this fold starts from scratch')
@@ -247,7 +290,12 @@ def make_model(k, fold_dir, train_idx, teacher_model=None):
     if teacher_model is not None:
         return make_student(teacher_model), None
     model = ScBERT(ModelConfig(**model_args))
+    if genomic_pe or disentangled or pathway_enc:
+        note = data.annotation()
+        model.set_gene_annotation(note['chrom'], note['start'], note['pathway_ptr'], note['pathway_idx'])
     if gene2vec:
+        if embd_factor:
+            raise UserError('a gene2vec table replaces the gene embedding: use --embd_factor=0 with --gene2vec')
         if not os.path.isfile(gene2vec):
             raise UserError(f'gene2vec file {gene2vec} not found')
         weight = np.load(gene2vec, allow_pickle=False)
@@ -427,29 +475,45 @@ def batch_indices(train_idx, step):
     return perm[start:start + batch_size]
 
 
-def get_batch(idx, cfg, step=None):
+def get_batch(idx, cfg, step=None, masked=True):
     """The model's input for cells idx, on the CPU, and targets: cell types, or what was masked (-100 where not).
     scBERT: tokens (B, n_genes + 1), binned as the model cfg expects. Expressed input: a dict (see data.expressed_batch).
     Masks and gene subsets are fresh at every step, seeded by (step, cell): resume repeats them, and they do not depend
-    on how a global batch is split over ranks. For evaluation (step None) they are fixed per cell."""
+    on how a global batch is split over ranks. For evaluation (step None) they are fixed per cell, at mask_prob: with
+    masking=dynamic, evaluation masks as nonzero does, so validation numbers stay comparable while the training rate
+    moves. masked=False (dynamic training) returns the input unmasked and the cells idx: mask_batch masks it in the
+    training process, the only one that knows the live rate."""
     labels = torch.from_numpy(data.labels[idx].astype(np.int64))
+    strategy = 'nonzero' if masking == 'dynamic' else masking
     if cfg.input_genes == 'expressed':
         indptr, indices, values = data.rows(idx)
         seeds = cell_seeds(indptr, indices, cfg.seed) if step is None else [[seed, step + 1, int(c)] for c in idx]
         x = expressed_batch(indptr, indices, values, seeds, cfg, data.log_base,
-                            mask_prob if mode == 'pretrain' else 0.0, replace_prob)
+                            mask_prob if mode == 'pretrain' and masked else 0.0, replace_prob, strategy, mask_units,
+                            scale_weights)
         if mode == 'finetune':
             return x, labels
+        if not masked:
+            return x, torch.from_numpy(np.asarray(idx, np.int64))
         return x, {'bins': x.pop('target_bins'), 'values': x.pop('target_values')}
     tokens = scbert_tokens(torch.from_numpy(data.dense(idx)), data.log_base, cfg.n_bins)
     if mode == 'finetune':
         return tokens, labels
-    masked = []
-    for cell, row in zip(idx, tokens):
-        g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, 0 if step is None else step + 1, int(cell)])
-                                              .generate_state(1)[0]))
-        masked.append(mask_tokens(row[None], mask_prob, replace_prob, mask_id=cfg.mask_id, generator=g))
-    return tuple(torch.cat(t) for t in zip(*masked))
+    if not masked:
+        return tokens, torch.from_numpy(np.asarray(idx, np.int64))
+    seeds = [[seed, 0 if step is None else step + 1, int(cell)] for cell in idx]
+    return mask_panel(tokens, seeds, cfg.mask_id, mask_prob, replace_prob, strategy, mask_units, scale_weights)
+
+
+def mask_batch(x, idx, cfg, step, rate):
+    """Dynamic masking of micro-step `step`'s batch, built unmasked (get_batch(masked=False)), at `rate` -> (input,
+    targets) as get_batch. scBERT's panel is masked exactly as nonzero masks it at that rate (the same seeds); the
+    expressed input from its own stream per (step, cell), apart from the one that drew the cell's gene subset."""
+    seeds = [[seed, step + 1, int(c)] for c in idx]
+    if isinstance(x, dict):
+        x = mask_expressed(x, [[*s, 1] for s in seeds], cfg.mask_id, rate, replace_prob, 'dynamic')
+        return x, {'bins': x.pop('target_bins'), 'values': x.pop('target_values')}
+    return mask_panel(x, seeds, cfg.mask_id, rate, replace_prob, 'dynamic')
 
 
 def to_device(x):
@@ -468,8 +532,8 @@ class Batches(torch.utils.data.Dataset):
     def __len__(self):
         return max_iters * grad_accum
 
-    def __getitem__(self, step):
-        return get_batch(batch_indices(self.train_idx, step), self.cfg, step)
+    def __getitem__(self, step):            # dynamic masking: unmasked, with the cells (masked by the training loop)
+        return get_batch(batch_indices(self.train_idx, step), self.cfg, step, masked=not dynamic)
 
 
 @torch.no_grad()
@@ -557,8 +621,8 @@ def distillation_loss(model, teacher_model, projection, x, targets, class_weight
     """DistilBERT's triple loss: alpha_ce x soft targets (kd_loss) + alpha_mlm x the student's own loss + alpha_cos x
     the cosine between the two models' hidden states over the real tokens; for scBERT 2.0 pretraining also alpha_mse x
     the MSE to the teacher's predicted values. Soft targets and MSE are on the masked genes when pretraining (as
-    DistilBERT's), on the cell-type logits when fine-tuning. Returns (the student's own loss, for the log, and the
-    total), each term scaled by its DDP share: per masked gene, per cell or per token."""
+    DistilBERT's), on the cell-type logits when fine-tuning. Returns (the student's own loss, for the log, the
+    total, each term scaled by its DDP share: per masked gene, per cell or per token, and the student's logits)."""
     logits, own, hidden = model(x, targets, class_weight=class_weight, mlm_weight=mlm_weight,
                                 regression_weight=regression_weight, return_hidden=True)
     with torch.no_grad():
@@ -570,7 +634,7 @@ def distillation_loss(model, teacher_model, projection, x, targets, class_weight
     total = alpha_mlm * own * share + alpha_cos * cosine_loss(hidden, t_hidden, valid) * global_share(n_tokens.to(device))
     if mode == 'finetune':                                         # a mean over cells
         cells = torch.tensor(float(len(targets)), device=device)
-        return own, total + alpha_ce * kd_loss(logits, t_logits, temperature) * global_share(cells)
+        return own, total + alpha_ce * kd_loss(logits, t_logits, temperature) * global_share(cells), logits
     if isinstance(logits, dict):                                   # expressed input: the masked bins and values
         sel = targets['bins'] != -100
         distil = (alpha_ce * kd_loss(logits['bins'][sel], t_logits['bins'][sel], temperature)
@@ -578,7 +642,7 @@ def distillation_loss(model, teacher_model, projection, x, targets, class_weight
     else:
         sel = targets != -100
         distil = alpha_ce * kd_loss(logits[sel], t_logits[sel], temperature)
-    return own, total + distil * share                             # means over the masked genes, as the own loss
+    return own, total + distil * share, logits                     # means over the masked genes, as the own loss
 
 
 def save(path, obj):
@@ -614,6 +678,7 @@ def train_fold(k, fold_dir):
         optim.add_param_group({'params': list(projection.parameters()), 'weight_decay': 0.0})
     scaler = torch.amp.GradScaler(enabled=ptdtype == torch.float16)   # fp16 only; a no-op otherwise
     iter_num, best, history = 0, {'macro_f1': -1.0, 'loss': float('inf'), 'iter': -1}, {'iter': [], 'train_loss': []}
+    mask_acc_ema = 0.0           # dynamic masking: EMA of the training steps' masked-bin accuracy (sets the rate)
     if ckpt is not None:                                           # resume: the same schedule from the next step
         try:
             optim.load_state_dict(ckpt['optimizer'])
@@ -621,6 +686,7 @@ def train_fold(k, fold_dir):
         except (KeyError, ValueError) as e:
             raise UserError(f'cannot resume {fold_dir}/ckpt.pt with these settings ({e}); keep the settings it was started with') from None
         iter_num, best, history = ckpt['iter_num'] + 1, ckpt['best'], ckpt['history']
+        mask_acc_ema = ckpt.get('mask_acc_ema', 0.0)
         started = {'teacher': ckpt['config'].get('teacher', ''), 'student_n_embd': ckpt['config'].get('student_n_embd', 0)}
         if started != {'teacher': teacher, 'student_n_embd': student_n_embd}:
             raise UserError(f'{fold_dir}/ckpt.pt was started with {started}; resume it with the same --teacher and '
@@ -660,7 +726,7 @@ def train_fold(k, fold_dir):
                  'model_args': asdict(raw_model.config), 'projection': projection.state_dict() if projection else None,
                  'iter_num': iter_num, 'best': best, 'history': history, 'config': config, 'mode': mode, 'fold': k,
                  'test_batch': test_batch, 'vocab': data.vocab, 'label_names': data.label_names,
-                 'log_base': data.log_base, 'done': done}
+                 'log_base': data.log_base, 'mask_acc_ema': mask_acc_ema, 'done': done}
         save(os.path.join(fold_dir, 'ckpt.pt'), state)
 
     # the batches, from the next micro-step on: built in num_workers background processes, or here when 0
@@ -678,9 +744,14 @@ def train_fold(k, fold_dir):
         for group in optim.param_groups:
             group['lr'] = lr
         torch.manual_seed(seed + iter_num * world_size + rank)     # dropout: the same on resume
+        mask_rate = dynamic_mask_rate(mask_acc_ema, mask_prob_min, mask_prob_max) if dynamic else mask_prob
+        mask_hits = mask_seen = 0                                  # dynamic: the step's masked-bin accuracy
         for micro in range(grad_accum):
             t_data = time.time()
-            x, targets = (to_device(t) for t in next(batches))
+            x, targets = next(batches)
+            if dynamic:                                             # targets: the cells, to seed their masks
+                x, targets = mask_batch(x, targets.numpy(), raw_model.config, iter_num * grad_accum + micro, mask_rate)
+            x, targets = to_device(x), to_device(targets)
             t_compute = time.time()
             data_time += t_compute - t_data
             if isinstance(x, dict):
@@ -689,17 +760,28 @@ def train_fold(k, fold_dir):
             with sync:
                 with autocast:
                     if teacher_model is None:
-                        _, loss = model(x, targets, class_weight=class_weight, mlm_weight=mlm_weight,
-                                        regression_weight=regression_weight)
+                        logits, loss = model(x, targets, class_weight=class_weight, mlm_weight=mlm_weight,
+                                             regression_weight=regression_weight)
                         # DDP: a mean over the global batch, not a mean of the ranks' means (their masked counts differ)
                         total = loss * loss_share(targets, class_weight)
                     else:                                           # loss: the student's own, as validation's
-                        loss, total = distillation_loss(model, teacher_model, projection, x, targets, class_weight)
+                        loss, total, logits = distillation_loss(model, teacher_model, projection, x, targets,
+                                                                class_weight)
                 aux, z = raw_model.aux_losses()                      # MoE: load balancing and router z-loss
                 total = total + aux_loss_weight * aux + z_loss_weight * z
                 scaler.scale(total / grad_accum).backward()
+            if dynamic:
+                predicted, target = (logits['bins'], targets['bins']) if isinstance(logits, dict) else (logits, targets)
+                sel = target != -100
+                mask_hits = mask_hits + (predicted.detach().argmax(-1)[sel] == target[sel]).sum()
+                mask_seen = mask_seen + sel.sum()
             cells_since += len(targets['bins'] if isinstance(targets, dict) else targets) * world_size
             compute_time += time.time() - t_compute
+        if dynamic:        # over the global batch (every micro-step and rank), so every rank gets the same next rate
+            counts = torch.stack([mask_hits, mask_seen])
+            if ddp:
+                dist.all_reduce(counts)
+            mask_acc_ema = 0.9 * mask_acc_ema + 0.1 * counts[0].item() / max(1, counts[1].item())
         t_compute = time.time()                                     # the optimizer step, below
         if ddp and projection is not None:                            # outside DDP's model: average its gradient here
             for p in projection.parameters():
@@ -722,10 +804,14 @@ def train_fold(k, fold_dir):
             dt = time.time() - t0
             history['iter'].append(iter_num)
             history['train_loss'].append(loss.item())
+            if dynamic:                                             # the step's rate, and the EMA that sets the next
+                history.setdefault('mask_rate', []).append(mask_rate)
+                history.setdefault('mask_acc_ema', []).append(mask_acc_ema)
             # data time: waiting for the next batch; compute: forward, backward and the optimizer step
             load = raw_model.expert_load(reset=True)
             log(f'iter {iter_num}: loss {loss.item():.4f}, lr {lr:.2e}, {cells_since / dt:.1f} cells/s, '
                 f'data {1e3 * data_time:.0f} ms / compute {1e3 * compute_time:.0f} ms'
+                + (f', mask rate {mask_rate:.3f} (masked-bin accuracy EMA {mask_acc_ema:.3f})' if dynamic else '')
                 + (f', padding {np.mean(padding):.0%}' if padding else '')
                 + (f', aux {aux.item():.3f}, {describe_load(load)}' if load is not None else ''))
             t0, cells_since, data_time, compute_time, padding = time.time(), 0, 0.0, 0.0, []

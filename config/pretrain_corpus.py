@@ -8,6 +8,7 @@ dataset = 'data/corpus'
 out_dir = 'out-pretrain-corpus'
 mode = 'pretrain'
 n_zero_genes = 32              # also learn what an unexpressed gene looks like
+masking = 'random'             # mask the zero genes too, as the README's run did (the default, nonzero, never masks them)
 max_iters = 600
 eval_interval = 100
 learning_rate = 2e-3

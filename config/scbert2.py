@@ -12,6 +12,7 @@ value_emb = 'continuous'       # xTrimoGene's auto-discretization
 n_bins = 32                    # learned bin embeddings of the value; MLM targets are scBERT's log2 bins (up to 32)
 max_genes = 2048               # expressed genes per cell, a random subset when a cell has more
 n_zero_genes = 128             # plus unexpressed genes, so that the model also learns what zero means
+masking = 'random'             # mask those zeros too: the model must learn what zero means (scBERT's 'nonzero' never asks)
 bucket = True                  # batches of cells of one length: most need no padding mask, so SDPA can use flash
 attention = 'sdpa'             # F.scaled_dot_product_attention: flash kernels on GPU when a batch needs no padding mask
 n_embd = 256

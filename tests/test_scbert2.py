@@ -525,22 +525,28 @@ def test_expressed_batch_adds_unexpressed_zero_genes():
     assert batch['genes'].shape == (3, 50)
 
 
+@pytest.mark.parametrize('masking', ['random', 'nonzero'])
 @pytest.mark.parametrize('replace_prob', [0.9, 1.0, 0.0])
-def test_expressed_batch_masking(replace_prob):
+def test_expressed_batch_masking(replace_prob, masking):
     cfg = config(max_genes=16, n_zero_genes=3, value_emb='bins')
     lengths = [1, 5, 20, 13]
     indptr, indices, values = random_csr(lengths, seed=7)
     seeds = [[3, i] for i in range(4)]
     plain = data.expressed_batch(indptr, indices, values, seeds, cfg, 2.0)
-    batch = data.expressed_batch(indptr, indices, values, seeds, cfg, 2.0, mask_prob=0.3, replace_prob=replace_prob)
+    batch = data.expressed_batch(indptr, indices, values, seeds, cfg, 2.0, mask_prob=0.3, replace_prob=replace_prob,
+                                 masking=masking)
     assert set(batch) == {'genes', 'values', 'bins', 'target_bins', 'target_values'}
     replaced_total = 0
     for i, length in enumerate(lengths):
-        n = min(length, 16) + 3                                             # the zero genes can be masked too
+        n = min(length, 16) + 3
         real = batch['genes'][i] >= 0
         assert real.sum() == n and torch.equal(batch['genes'][i], plain['genes'][i])
         chosen = batch['target_bins'][i] != -100
-        assert chosen.sum() == math.ceil(0.3 * n) and not chosen[~real].any()
+        assert not chosen[~real].any()
+        if masking == 'random':                                             # the zero genes can be masked too
+            assert chosen.sum() == math.ceil(0.3 * n)
+        else:                                                               # scBERT's rule: expressed genes only
+            assert chosen.sum() == math.ceil(0.3 * (n - 3)) and (plain['values'][i][chosen] > 0).all()
         assert torch.equal(batch['target_bins'][i][chosen], plain['bins'][i][chosen])
         assert torch.equal(batch['target_values'][i][real], plain['values'][i][real])   # the true values, before masking
         replaced = batch['bins'][i] == cfg.mask_id
