@@ -271,7 +271,7 @@ def forward_flops_per_cell(mc, lengths=None):
         per_layer['disentangled'] = 2 * R * E * H * D * 2 / n_cells + 2 * H * L * D * R * 2
     flops = {k: v * mc.n_layer for k, v in per_layer.items()}
     if getattr(mc, 'embd_factor', 0):           # ALBERT's factorized gene embedding: each token's E -> n_embd projection
-        flops['gene_proj'] = 2 * L * mc.embd_factor * E
+        flops['gene_emb_proj'] = 2 * L * mc.embd_factor * E
     if mc.input_genes == 'expressed' and mc.value_emb == 'continuous':     # auto-discretization of each gene's value
         B = mc.n_bins
         flops['value_emb'] = (L - 1) * 2 * (B + B * B + B * E)
@@ -289,7 +289,7 @@ def forward_flops_per_cell(mc, lengths=None):
 FLOP_GROUPS = {
     'attention': (r'ScBERT\.blocks\.\d+\.attn', ('attn_proj', 'favor_features', 'favor_attention', 'attention_scores',
                                                  'disentangled')),
-    'gene_proj': (r'ScBERT\.gene_proj', ('gene_proj',)),
+    'gene_emb_proj': (r'ScBERT\.gene_emb_proj', ('gene_emb_proj',)),
     'mlp': (r'ScBERT\.blocks\.\d+\.mlp', ('mlp', 'moe')),
     'value_emb': (r'ScBERT\.value_emb', ('value_emb',)),
     'head': (r'ScBERT\.(cls_head|lm_head|value_head)', ('head',)),
@@ -323,8 +323,10 @@ def memory_estimate(mc, n_params, batch, training, backend, L=None):
                              * max(1, mc.n_expert_active if mc.n_expert else 1))
     if mc.attention == 'performer':
         per_layer += batch * H * L * mc.nb_features * 6   # FAVOR+ features (B, H, L, m): w·x, exp, +eps; queries and keys
-    elif backend == 'MATH':
+    elif backend == 'MATH' or getattr(mc, 'disentangled', False):
         per_layer += batch * H * L * L * 2                # exact scores and their softmax, (B, H, L, L) each
+    if getattr(mc, 'disentangled', False):
+        per_layer += batch * H * L * L * 3                # DeBERTa: c2p, p2c and their sum, the additive bias
     # (the flash and memory-efficient kernels work in tiles: O(L), not O(L²))
     return 4 * (n_params * (4 if training else 1) + per_layer * (mc.n_layer if training else 1))
 

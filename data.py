@@ -555,7 +555,7 @@ MASKING = ('random', 'nonzero', 'pathway', 'dynamic', 'multiscale')
 
 
 def n_to_mask(mask_prob, n):
-    """ceil(mask_prob * n), blind to float round-off (0.15 * 20 is 3.0000000000000004 in float64: 3 are masked)."""
+    """ceil(mask_prob * n), blind to float round-off (0.07 * 100 is 7.000000000000001 in float64: 7 are masked)."""
     return min(n, math.ceil(mask_prob * n - 1e-9))
 
 
@@ -995,9 +995,19 @@ def read_genome_table(path):
         try:
             coordinates[key] = np.fromiter(map(int, columns[key]), np.int64, len(rows))
         except ValueError:
-            i = next(i for i, v in enumerate(columns[key]) if not v.strip().lstrip('+-').isdigit())
+            def whole(v):
+                try:
+                    int(v)
+                    return True
+                except ValueError:
+                    return False
+            i = next(i for i, v in enumerate(columns[key]) if not whole(v))
             raise UserError(f"gene table {path}: {key} '{columns[key][i]}' of gene {gene_id[i]} (row {i + 1}) is not "
                             f"an integer; coordinates must be whole 1-based positions") from None
+    blank = next((i for i, c in enumerate(columns['chromosome']) if not c.strip()), None)
+    if blank is not None:
+        raise UserError(f"gene table {path}: gene {gene_id[blank]} (row {blank + 1}) has no chromosome; fill it in or "
+                        f"drop that row")
     bad = np.flatnonzero((coordinates['start'] < 1) | (coordinates['end'] < coordinates['start']))
     if bad.size:
         i = bad[0]

@@ -90,7 +90,8 @@ class ModelConfig:
     share_layers: str = 'none'      # ALBERT's cross-layer sharing: 'none' | 'all' (one block) | 'attention' | 'ffn'
     genomic_pe: bool = False        # add a chromosome embedding + a sinusoidal encoding of the gene's start coordinate
     disentangled: bool = False      # DeBERTa's disentangled attention over genomic relative positions (sdpa only)
-    n_pos_buckets: int = 16         # disentangled: log-distance buckets per direction (2 * n_pos_buckets + 1 in all)
+    n_pos_buckets: int = 16         # disentangled: distance levels 0..n-1 per direction; 2n + 1 buckets with 'other
+                                    # chromosome' and 'unknown'
     n_chrom: int = 0                # chromosomes in the gene annotation (set from the dataset by train.py)
     pathway_enc: bool = False       # add the sum of the gene's pathway embeddings (gene sets from GMT files)
     n_pathways: int = 0             # gene sets in the annotation (set from the dataset)
@@ -214,7 +215,8 @@ def genomic_sinusoid(start, dim):
     """Transformer sinusoids (Vaswani et al. 2017) of a gene's start coordinate in base pairs: (...,) float ->
     (..., dim), sin in the first half and cos in the second, wavelengths geometric from 1 kb to 250 Mb, so neighbouring
     genes differ in the fast dimensions and distant ones in the slow. Computed in float64 (a coordinate of 2e8 times the
-    fastest frequency needs the precision), returned as float32."""
+    fastest frequency needs it; the buffer holding the coordinates is float32, exact to 16 bp at 250 Mb, far below the
+    1 kb fastest wavelength), returned as float32."""
     half = dim // 2
     wavelength = GENOMIC_MIN_DIST * (GENOMIC_MAX_DIST / GENOMIC_MIN_DIST) ** (torch.arange(half, dtype=torch.float64,
                                                                                              device=start.device) / max(1, half - 1))
@@ -283,7 +285,7 @@ class Attention(nn.Module):
         if self.config.attention == 'performer':
             out = favor_attention(q, k, v, self.projection_matrix, self.config.favor_batch_max)
         elif rel is not None:
-            out = self.disentangled(q, k, v, attn_mask, *rel)
+            out = self.disentangled_attention(q, k, v, attn_mask, *rel)
         else:
             # attn_mask hides the padding keys; None when the batch has no padding, which keeps the flash kernel usable
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
@@ -291,7 +293,7 @@ class Attention(nn.Module):
         out = out.transpose(1, 2).reshape(B, L, -1)          # (B, L, n_head * dim_head)
         return self.dropout(self.to_out(out))
 
-    def disentangled(self, q, k, v, attn_mask, pos, bucket):
+    def disentangled_attention(self, q, k, v, attn_mask, pos, bucket):
         """DeBERTa (He et al. 2021, eq. 4): score(i, j) = q_i·k_j + q_i·K^r_δ(i,j) + k_j·Q^r_δ(j,i), scaled by 1/√(3d):
         content-to-content, content-to-position and position-to-content. δ is genomic_buckets' relative bucket, P (R, C)
         the shared relative-position embeddings. The two position terms are an additive bias handed to SDPA."""
@@ -506,7 +508,7 @@ class ScBERT(nn.Module):
         # expressed input: one row per gene, + the CLS token's (the last row)
         # ALBERT's factorization (Lan et al. 2020, Sec. 3.1): V×E + E×C parameters instead of V×C, for E << C
         self.gene_emb = nn.Embedding(config.seq_len, config.embd_factor or config.n_embd)
-        self.gene_proj = nn.Linear(config.embd_factor, config.n_embd, bias=False) if config.embd_factor else None
+        self.gene_emb_proj = nn.Linear(config.embd_factor, config.n_embd, bias=False) if config.embd_factor else None
         if config.genomic_pe or config.disentangled:         # each gene's (chromosome, start); 0 = unknown, as the CLS row
             self.register_buffer('gene_chrom', torch.zeros(config.seq_len, dtype=torch.long))
             self.register_buffer('gene_start', torch.zeros(config.seq_len))
@@ -540,6 +542,10 @@ class ScBERT(nn.Module):
             # from the start, or every value gets the same embedding and the model sees only which genes are expressed
             self.value_emb.w1.reset_parameters()
             self.value_emb.w2.reset_parameters()
+        if self.gene_emb_proj is not None:
+            # N(0, 1/E): the projected identity is then ~N(0, 1) per dimension like an unfactorized one (at N(0, 0.02)
+            # it would start 10x smaller than the value embedding, and every gene would look alike; see _init_weights)
+            nn.init.normal_(self.gene_emb_proj.weight, std=config.embd_factor ** -0.5)
         if self.pathway_emb is not None:
             # a gene is in ~10-50 sets: N(0, 0.1) keeps the sum of its pathways' embeddings below its own N(0, 1) identity
             nn.init.normal_(self.pathway_emb.weight, std=0.1)
@@ -622,7 +628,7 @@ class ScBERT(nn.Module):
             ptr = torch.as_tensor(pathway_ptr, dtype=torch.long)
             assert ptr.shape == (n + 1,) and int(ptr[-1]) == self.config.n_pathway_links, (ptr.shape, int(ptr[-1]))
             self.pathway_ptr[:n + 1] = ptr
-            self.pathway_ptr[n + 1] = ptr[-1]                 # the CLS row: an empty set
+            self.pathway_ptr[n + 1] = ptr[-1]                 # the CLS row: no sets
             self.pathway_idx.copy_(torch.as_tensor(pathway_idx, dtype=torch.long))
 
     def gene_embedding(self, genes):
@@ -630,13 +636,14 @@ class ScBERT(nn.Module):
         pathways when those are on. genes: any-shaped long tensor of embedding rows (n_genes = the CLS / appended row)
         -> (..., n_embd)."""
         e = self.gene_emb(genes)
-        if self.gene_proj is not None:
-            e = self.gene_proj(e)
+        if self.gene_emb_proj is not None:
+            e = self.gene_emb_proj(e)
         if self.chrom_emb is not None:
             known = (self.gene_chrom[genes] > 0).unsqueeze(-1)
             e = e + self.chrom_emb(self.gene_chrom[genes]) + genomic_sinusoid(self.gene_start[genes], e.shape[-1]) * known
         if self.pathway_emb is not None:                     # (n_genes + 1, C): each gene's sum over its sets, then look up
-            table = F.embedding_bag(self.pathway_idx, self.pathway_emb.weight, self.pathway_ptr[:-1], mode='sum')
+            table = F.embedding_bag(self.pathway_idx, self.pathway_emb.weight, self.pathway_ptr, mode='sum',
+                                    include_last_offset=True)
             e = e + table[genes]
         return e
 
@@ -828,6 +835,8 @@ def distil_student(teacher, layers, n_embd=0):
     config = replace(teacher.config, n_layer=len(layers), n_embd=n_embd or teacher.config.n_embd,
                      freeze_gene_emb=teacher.config.freeze_gene_emb and not narrow)   # a random table must learn
     student = ScBERT(config)
+    annotation = ('gene_chrom', 'gene_start', 'pathway_ptr', 'pathway_idx')   # gene facts, not weights: always kept
+    student.load_state_dict({k: v for k, v in teacher.state_dict().items() if k in annotation}, strict=False)
     if not narrow:
         state = {}
         for name, value in teacher.state_dict().items():
@@ -993,9 +1002,10 @@ def quantize(model, scheme):
         raise ValueError('ternary quantization needs a bitlinear model: as_bitlinear(model) converts a float one')
     ternary = scheme == 'ternary'
     for block in model.blocks:
-        for layer, names in ((block.attn, ('to_q', 'to_k', 'to_v', 'to_out')), (block.mlp, ('w1', 'w3', 'w2'))):
+        for layer, names in ((block.attn, ('to_q', 'to_k', 'to_v', 'to_out', 'pos_q', 'pos_k')),
+                             (block.mlp, ('w1', 'w3', 'w2'))):
             for name in names:
-                w = getattr(layer, name)
+                w = getattr(layer, name, None)
                 if isinstance(w, nn.Linear):
                     setattr(layer, name, QuantLinear.from_float(w.weight, w.bias, ternary, getattr(w, 'norm', None)))
                 elif isinstance(w, nn.Parameter):             # stacked experts (E, out, in) -> one QuantLinear each

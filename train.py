@@ -72,7 +72,8 @@ embd_factor = 0                # > 0: ALBERT's factorized gene embedding, n_gene
 share_layers = 'none'          # ALBERT's cross-layer sharing: 'none' | 'all' (one block, n_layer times) | 'attention' | 'ffn'
 genomic_pe = False             # add a chromosome embedding + sinusoids of each gene's start coordinate (genomic position)
 disentangled = False           # DeBERTa's disentangled attention, relative positions = genomic distance buckets (sdpa)
-n_pos_buckets = 16             # disentangled: log-distance buckets per direction, 1 kb to 250 Mb (+ different chromosome)
+n_pos_buckets = 16             # disentangled: log-distance levels per direction, 1 kb to 250 Mb (2n + 1 buckets with
+                               # 'different chromosome' and 'unknown')
 pathway_enc = False            # add the sum of each gene's pathway (gene set) embeddings
 # scBERT 2.0 (the defaults are scBERT's; see config/scbert2*.py)
 input_genes = 'all'            # 'all' (scBERT: every panel gene) | 'expressed' (CLS + the expressed genes only)
@@ -168,10 +169,10 @@ if init_from == 'scratch' and input_genes == 'all' and head == 'cls':
     raise UserError("head='cls' needs --input_genes=expressed (scBERT's input has no CLS token); use scbert or pooled")
 if n_kv_head < 0 or n_head % (n_kv_head or n_head):
     raise UserError(f'n_head ({n_head}) must be a multiple of n_kv_head ({n_kv_head}) (set --n_kv_head=1, 2, ... or 0)')
-if init_from == 'scratch' and disentangled and attention != 'sdpa':
+if init_from in ('scratch', 'resume') and disentangled and attention != 'sdpa':    # (resume: a fold may start anew)
     raise UserError('disentangled attention adds position terms to the L×L scores, which FAVOR+ never forms: set '
                     '--attention=sdpa')
-if init_from == 'scratch' and n_expert and share_layers in ('all', 'ffn'):
+if init_from in ('scratch', 'resume') and n_expert and share_layers in ('all', 'ffn'):
     raise UserError(f"share_layers='{share_layers}' shares the feed-forward, which MoE does not support: set "
                     f"--n_expert=0 or --share_layers=attention")
 if embd_factor < 0 or n_pos_buckets < 2:
@@ -269,10 +270,6 @@ def make_model(k, fold_dir, train_idx, teacher_model=None):
                       bias=bias, n_expert=n_expert, n_expert_active=n_expert_active, bitlinear=bitlinear,
                       embd_factor=embd_factor, share_layers=share_layers, genomic_pe=genomic_pe,
                       disentangled=disentangled, n_pos_buckets=n_pos_buckets, pathway_enc=pathway_enc)
-    if genomic_pe or disentangled or pathway_enc:                  # the shapes of the annotation's buffers
-        note = data.annotation()
-        model_args.update(n_chrom=len(note['chrom_names']), n_pathways=len(note['pathway_names']),
-                          n_pathway_links=len(note['pathway_idx']))
     path = os.path.join(fold_dir, 'ckpt.pt') if init_from == 'resume' else init_from.replace('{fold}', str(k))
     if init_from == 'resume' and fold == 'all' and not os.path.exists(path):
         log(f'{path} not found: this fold starts from scratch')
@@ -289,9 +286,17 @@ def make_model(k, fold_dir, train_idx, teacher_model=None):
         return model, ckpt
     if teacher_model is not None:
         return make_student(teacher_model), None
+    if genomic_pe or disentangled or pathway_enc:                  # the annotation: its sizes, then its buffers
+        note = data.annotation()
+        model_args.update(n_chrom=len(note['chrom_names']), n_pathways=len(note['pathway_names']),
+                          n_pathway_links=len(note['pathway_idx']))
+        fix = f"python prepare_data.py --annotate={dataset} --genome=<gene table> --gene_sets=<GMT files>"
+        if (genomic_pe or disentangled) and not note['chrom_names']:
+            raise UserError(f'genomic_pe and disentangled read gene coordinates, and no gene of {dataset} has any: {fix}')
+        if pathway_enc and not len(note['pathway_idx']):
+            raise UserError(f'pathway_enc reads gene sets, and no gene of {dataset} is in one: {fix}')
     model = ScBERT(ModelConfig(**model_args))
     if genomic_pe or disentangled or pathway_enc:
-        note = data.annotation()
         model.set_gene_annotation(note['chrom'], note['start'], note['pathway_ptr'], note['pathway_idx'])
     if gene2vec:
         if embd_factor:
@@ -406,6 +411,9 @@ def load_model(path, model_args, k):
         if differ:                                                 # the architecture is the checkpoint's, say so
             log(f'note: the model comes from {path}; its {", ".join(f"{k}={args[k]}" for k in differ)} replace the settings')
     else:                                                          # the original release's
+        if embd_factor or share_layers != 'none' or genomic_pe or disentangled or pathway_enc:
+            raise UserError(f'{path} is an original scBERT checkpoint, whose architecture has none of embd_factor, '
+                            f'share_layers, genomic_pe, disentangled, pathway_enc: leave them at their defaults')
         try:
             model = ScBERT.from_scbert(ckpt, dropout=dropout, seed=seed)
         except (ValueError, KeyError, RuntimeError) as e:
@@ -434,6 +442,9 @@ def set_trainable(model):
     for p in model.parameters():
         p.requires_grad_(False)
     trainable = [model.cls_head]
+    if finetune_params == 'scbert' and model.config.share_layers != 'none':
+        log(f"note: finetune_params='scbert' trains block[-2], which shares its {model.config.share_layers} with every "
+            f"block (share_layers={model.config.share_layers})")
     if finetune_params == 'scbert':                                # scBERT's finetune.py: norm, layers[-2] and the head
         trainable += [model.ln_f, model.blocks[-2] if len(model.blocks) > 1 else model.blocks[-1]]
     for module in trainable:

@@ -35,13 +35,13 @@ def cells():
 def test_factorized_embedding_shapes_and_count():
     V, D, E = 11, 32, 4                                    # 10 genes + the CLS row
     plain, factored = small(), small(embd_factor=E)
-    assert factored.gene_emb.weight.shape == (V, E) and factored.gene_proj.weight.shape == (D, E)
+    assert factored.gene_emb.weight.shape == (V, E) and factored.gene_emb_proj.weight.shape == (D, E)
     assert plain.num_params() - factored.num_params() == V * D - (V * E + E * D)
     big = dict(n_genes=20000, n_embd=200, n_layer=1, attention='sdpa')
     saved = ScBERT(ModelConfig(**big)).num_params() - ScBERT(ModelConfig(**big, embd_factor=64)).num_params()
     assert saved == 20001 * 200 - (20001 * 64 + 64 * 200)    # at a real vocabulary: 2.7M parameters fewer
     genes = torch.tensor([0, 7, 10])
-    torch.testing.assert_close(factored.gene_embedding(genes), factored.gene_emb(genes) @ factored.gene_proj.weight.t())
+    torch.testing.assert_close(factored.gene_embedding(genes), factored.gene_emb(genes) @ factored.gene_emb_proj.weight.t())
     logits, _ = factored(cells())
     assert logits.shape == (2, 3)
 
@@ -66,6 +66,23 @@ def test_cross_layer_sharing_reduces_parameters(share, per_block):
     x = cells()
     torch.testing.assert_close(again(x)[0], shared(x)[0])
     assert again.blocks[2].attn is again.blocks[0].attn or share == 'ffn'
+
+
+def test_students_and_quantized_models_keep_the_options():
+    """A narrower DistilBERT student (random weights) still knows where its genes are; int8 covers DeBERTa's position
+    projections like every other attention linear, and the outputs stay close."""
+    from model import QuantLinear, distil_student, quantize
+    teacher = small(genomic_pe=True, n_chrom=3, pathway_enc=True, n_pathways=5, n_pathway_links=7, disentangled=True)
+    student = distil_student(teacher, [0], n_embd=16)
+    for name in ('gene_chrom', 'gene_start', 'pathway_ptr', 'pathway_idx'):
+        torch.testing.assert_close(getattr(student, name), getattr(teacher, name))
+    x = cells()
+    with torch.no_grad():
+        before = teacher(x)[0]
+        quantize(teacher, 'int8')
+        after = teacher(x)[0]
+    assert all(isinstance(getattr(b.attn, p), QuantLinear) for b in teacher.blocks for p in ('pos_q', 'pos_k'))
+    assert (after - before).abs().max() < 0.05 * before.abs().max()
 
 
 def test_sharing_refuses_moe_ffn():
@@ -180,7 +197,7 @@ def test_panel_input_with_every_option():
     _, loss = model(tokens, torch.tensor([1, 2]))
     loss.backward()
     assert model.rel_emb.weight.grad.abs().sum() > 0 and model.pathway_emb.weight.grad.abs().sum() > 0
-    assert model.chrom_emb.weight.grad.abs().sum() > 0 and model.gene_proj.weight.grad.abs().sum() > 0
+    assert model.chrom_emb.weight.grad.abs().sum() > 0 and model.gene_emb_proj.weight.grad.abs().sum() > 0
     model.eval()
     again = ScBERT.from_checkpoint({'model_args': vars(model.config), 'model': model.state_dict()}).eval()
     torch.testing.assert_close(again(tokens)[0], model(tokens)[0])
@@ -231,3 +248,10 @@ def test_train_and_predict_with_every_option(baron, tmp_path):
                    check=False), 'share_layers')
     user_error(run('train.py', f'--dataset={data}', f'--out_dir={out}', *SMALL, '--share_layers=some', check=False),
                'share_layers must be one of')
+    # an annotation without coordinates or without gene sets: the flags that need them say so
+    run('prepare_data.py', f'--annotate={data}', f'--gene_sets={GMT}')
+    user_error(run('train.py', f'--dataset={data}', f'--out_dir={out}', *SMALL, '--disentangled=True', check=False),
+               'no gene of .* has any: python prepare_data.py --annotate=')
+    run('prepare_data.py', f'--annotate={data}', f'--genome={GENOME}')
+    user_error(run('train.py', f'--dataset={data}', f'--out_dir={out}', *SMALL, '--pathway_enc=True', check=False),
+               'no gene of .* is in one')
