@@ -463,19 +463,32 @@ class Dataset:
         return self._annotation
 
 
-def fold_split(data, k, test_batch=''):
+def fold_split(data, k, test_batch='', labelled_only=False):
     """-> (train_idx, val_idx, test_idx) of a prepared Dataset for test fold k (split_indices), or, with test_batch,
-    test = that batch's labelled cells (e.g. a donor) and train/validation = the other batches' cells of those folds."""
+    test = that batch's labelled cells (e.g. a donor) and train/validation = the other batches' cells of those folds.
+    labelled_only: leave out every cell whose label is -1 (with leave_out_type: the held-out type)."""
     train_idx, val_idx, test_idx = split_indices(data.folds, k, data.n_folds)
-    if not test_batch:
-        return train_idx, val_idx, test_idx
-    names = data.meta.get('batch_names') or []
-    if test_batch not in names:
-        raise UserError(f"test_batch '{test_batch}' is not a batch of {data.path} (its batches: "
-                        f"{', '.join(names) or 'none; prepare it with --batch_key=<obs column>'})")
-    held_out = data.batch == names.index(test_batch)
-    train_idx = np.sort(np.concatenate([train_idx, test_idx]))
-    return train_idx[~held_out[train_idx]], val_idx[~held_out[val_idx]], np.flatnonzero(held_out & (data.labels >= 0))
+    if test_batch:
+        names = data.meta.get('batch_names') or []
+        if test_batch not in names:
+            raise UserError(f"test_batch '{test_batch}' is not a batch of {data.path} (its batches: "
+                            f"{', '.join(names) or 'none; prepare it with --batch_key=<obs column>'})")
+        held_out = data.batch == names.index(test_batch)
+        train_idx = np.sort(np.concatenate([train_idx, test_idx]))
+        train_idx, val_idx, test_idx = (train_idx[~held_out[train_idx]], val_idx[~held_out[val_idx]],
+                                        np.flatnonzero(held_out & (data.labels >= 0)))
+    if labelled_only:
+        train_idx, val_idx, test_idx = (i[data.labels[i] >= 0] for i in (train_idx, val_idx, test_idx))
+    return train_idx, val_idx, test_idx
+
+
+def leave_out_type(labels, label_names, held_out):
+    """Leave-one-cell-type-out: -> (labels, label_names, novel_idx). The held-out type's cells (novel_idx) get label
+    -1, as unlabelled cells have, and the classes after it move down one, so the classifier never has a slot for it."""
+    c = list(label_names).index(held_out)
+    labels = np.asarray(labels)
+    return (np.where(labels == c, -1, labels - (labels > c)), [*label_names[:c], *label_names[c + 1:]],
+            np.flatnonzero(labels == c))
 
 
 def classify_input(data, idx, cfg):

@@ -1,5 +1,6 @@
 """
-Classification metrics, the logistic-regression baseline, and the two plots train.py writes.
+Classification metrics, the logistic-regression baseline, novelty scores (novel cell types), and the two plots
+train.py writes.
 
 Our own numpy/torch code (no scikit-learn at run time); tests/test_metrics.py checks every number against
 scikit-learn. The definitions follow scikit-learn's defaults, so our figures can sit beside published ones:
@@ -170,6 +171,79 @@ def fit_logistic_regression(X, y, n_classes, C=1.0, max_iter=500):
     return LogisticRegression(coef, full_intercept, n_iter)
 
 
+# -----------------------------------------------------------------------------
+# Novel cell types: a score per cell, higher = less like any type the classifier was trained on. scBERT's only rule is
+# "Unassigned when the top probability < 0.5", i.e. maxprob > 0.5. The others are the standard out-of-distribution
+# detectors: from the logits, entropy and the energy score (Liu et al. 2020, "Energy-based out-of-distribution
+# detection": -logsumexp(logits), which the softmax normalizes away); from the cell embedding (the classifier's hidden
+# layer, Classifier.features), the Mahalanobis distance to the nearest class mean under one shared covariance (Lee et
+# al. 2018) and the cosine distance to the k-th nearest training cell (Sun et al. 2022, "Out-of-distribution detection
+# with deep nearest neighbors"). The embedding scores need statistics of the training cells: fit_novelty.
+NOVELTY_SCORES = ('maxprob', 'entropy', 'energy', 'mahalanobis', 'knn')
+
+
+def fit_novelty(features, labels, n_classes, k=10, max_bank=10000, seed=0):
+    """The embedding scores' statistics from training cells' features [n, D] and labels [n] (0..n_classes-1):
+    class means [n_classes, D] (classes without cells are left out of the minimum: class_present), the precision
+    (inverse) of the pooled within-class covariance [D, D], and at most max_bank L2-normalized features (a random
+    sample) for the kNN score. A dict of tensors and ints, storable in a weights_only checkpoint."""
+    f = torch.as_tensor(to_numpy(features), dtype=torch.float64)
+    y = torch.as_tensor(to_numpy(labels), dtype=torch.long)
+    counts = torch.bincount(y, minlength=n_classes)
+    means = torch.zeros(n_classes, f.shape[1], dtype=torch.float64).index_add_(0, y, f) / counts.clamp(min=1)[:, None]
+    centered = f - means[y]
+    cov = centered.T @ centered / len(f)
+    # a ridge of 0.1% of the mean variance: with few cells, or ReLU features that some cells never use, the
+    # covariance is singular
+    cov += 1e-3 * cov.diagonal().mean().clamp(min=1e-12) * torch.eye(len(cov), dtype=cov.dtype)
+    keep = np.sort(np.random.default_rng(seed).choice(len(f), max_bank, replace=False)) if len(f) > max_bank else None
+    bank = f if keep is None else f[torch.from_numpy(keep)]
+    return {'class_means': means.float(), 'class_present': counts > 0, 'precision': torch.linalg.inv(cov).float(),
+            'bank': F.normalize(bank, dim=1).float(), 'k': int(min(k, len(bank)))}
+
+
+def novelty_scores(logits, features=None, stats=None, chunk=1024):
+    """Every novelty score of cells with logits [n, n_classes] (and features [n, D] + fit_novelty's stats for the
+    embedding scores) -> {name: float64 array [n]}, higher = more novel."""
+    logits = torch.as_tensor(to_numpy(logits), dtype=torch.float64)
+    log_p = logits.log_softmax(1)
+    out = {'maxprob': 1 - log_p.max(1).values.exp(),                 # scBERT: Unassigned when this is > 0.5
+           'entropy': -(log_p.exp() * log_p).sum(1),
+           'energy': -logits.logsumexp(1)}
+    if stats is not None and features is not None:
+        f = torch.as_tensor(to_numpy(features), dtype=torch.float64)
+        means = stats['class_means'].double()[stats['class_present']]             # [K, D]
+        precision = stats['precision'].double()
+        # (f - μ)ᵀ P (f - μ) = fᵀPf - 2 fᵀPμ + μᵀPμ, for every cell and class at once
+        fp = f @ precision
+        d2 = (fp * f).sum(1, keepdim=True) - 2 * fp @ means.T + ((means @ precision) * means).sum(1)
+        out['mahalanobis'] = d2.min(1).values.clamp(min=0)
+        bank, k = stats['bank'].double(), stats['k']
+        unit = F.normalize(f, dim=1)
+        # cosine distance to the k-th most similar training cell, in chunks of cells ([chunk, bank] at a time)
+        out['knn'] = torch.cat([1 - (unit[i:i + chunk] @ bank.T).topk(k, dim=1).values[:, -1]
+                                for i in range(0, len(f), chunk)]) if len(f) else f.new_zeros(0)
+    return {name: score.numpy() for name, score in out.items()}
+
+
+def novelty_report(scores_known, correct_known, scores_novel, thresholds):
+    """How well each score separates held-out known cells from cells of a type never trained on.
+    scores_*: novelty_scores() outputs; correct_known [n] bool: the classifier's call was right; thresholds {name: t}
+    (novel when score > t). -> {name: {auroc, threshold, known_acc, novel_acc}}: known_acc = the known cells given
+    their right type (neither wrong nor Unassigned), novel_acc = the novel cells called Unassigned."""
+    report = {}
+    for name in scores_known:
+        if name not in scores_novel:
+            continue
+        both = np.concatenate([scores_known[name], scores_novel[name]])
+        is_novel = np.r_[np.zeros(len(scores_known[name]), bool), np.ones(len(scores_novel[name]), bool)]
+        t = thresholds.get(name)
+        report[name] = {'auroc': auroc(both, is_novel), 'threshold': t,
+                        'known_acc': None if t is None else float(np.mean(correct_known & (scores_known[name] <= t))),
+                        'novel_acc': None if t is None else float(np.mean(scores_novel[name] > t))}
+    return report
+
+
 def plot_confusion(confusion, label_names, path, title=''):
     """Save the confusion matrix as a PNG: colour = fraction of the true class (row), text = cell count."""
     from matplotlib.figure import Figure  # lazy: only train.py plots; Figure needs no pyplot and no display
@@ -212,3 +286,21 @@ def plot_loss(history, path):
         axes[1].set(xlabel='iteration', ylabel='macro-F1', title='validation macro-F1', ylim=(0, 1))
     with atomic_write(path) as tmp:
         fig.savefig(tmp, format='png', dpi=120)
+
+
+def plot_top_genes(ranked, path, title='', n=20):
+    """Save one cell type's top genes as a PNG: a horizontal bar panel per method. ranked: {method: [(gene, score),
+    ...] best first}."""
+    from matplotlib.figure import Figure
+    from data import atomic_write
+    fig = Figure(figsize=(4.2 * len(ranked), 0.22 * n + 1.2), layout='constrained')
+    for ax, (method, rows) in zip(fig.subplots(1, len(ranked), squeeze=False)[0], ranked.items()):
+        rows = rows[:n][::-1]                                    # the best at the top
+        ax.barh(range(len(rows)), [v for _, v in rows], color='C0' if method == 'attention' else 'C1')
+        ax.set_yticks(range(len(rows)), [g for g, _ in rows], fontsize=7)
+        ax.set_xlabel({'attention': 'attention received (share per cell)',
+                       'gradient_x_input': 'gradient × input (logit)'}.get(method, method))
+        ax.set_title(method.replace('_', ' '), fontsize=9)
+    fig.suptitle(title, fontsize=10)
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, format='png', dpi=110)

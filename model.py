@@ -297,19 +297,54 @@ class Attention(nn.Module):
         """DeBERTa (He et al. 2021, eq. 4): score(i, j) = q_i·k_j + q_i·K^r_δ(i,j) + k_j·Q^r_δ(j,i), scaled by 1/√(3d):
         content-to-content, content-to-position and position-to-content. δ is genomic_buckets' relative bucket, P (R, C)
         the shared relative-position embeddings. The two position terms are an additive bias handed to SDPA."""
-        B, H, L, d = q.shape
+        bias = self.disentangled_bias(q, k, pos, bucket, attn_mask)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), scale=1 / math.sqrt(3 * q.shape[-1]),
+                                              dropout_p=self.config.dropout if self.training else 0.0)
+
+    def disentangled_bias(self, q, k, pos, bucket, attn_mask=None, rows=slice(None)):
+        """The position terms of disentangled_attention, already scaled, for the query rows `rows` (B, H, l, L); -inf at
+        the padding keys. q (B, H, l, d) holds only those rows' queries; k (B, H, L, d) every key."""
+        B, H, L, d = k.shape
         R = pos.shape[0]
         k_r = self.pos_k(pos).view(R, H, d).transpose(0, 1)          # (H, R, d)
         q_r = self.pos_q(pos).view(R, H, d).transpose(0, 1)
-        index = bucket.unsqueeze(1).expand(B, H, L, L)                # (B, H, L, L): δ(i, j) at [i, j]
-        c2p = (q @ k_r.transpose(-2, -1)).gather(-1, index)                       # [i, j] = q_i · K^r_δ(i,j)
-        p2c = (k @ q_r.transpose(-2, -1)).gather(-1, index).transpose(-2, -1)     # [i, j] = k_j · Q^r_δ(j,i)
-        scale = 1 / math.sqrt(3 * d)
-        bias = (c2p + p2c) * scale
-        if attn_mask is not None:                                     # padding keys: -inf
-            bias = bias.masked_fill(~attn_mask, float('-inf'))
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), scale=scale,
-                                              dropout_p=self.config.dropout if self.training else 0.0)
+        bucket = bucket.expand(B, L, L)
+        index = bucket[:, rows].unsqueeze(1).expand(B, H, -1, L)     # (B, H, l, L): δ(i, j) at [i, j]
+        c2p = (q @ k_r.transpose(-2, -1)).gather(-1, index)                        # [i, j] = q_i · K^r_δ(i,j)
+        index_t = bucket[:, :, rows].unsqueeze(1).expand(B, H, L, -1)  # (B, H, L, l): δ(j, i) at [j, i]
+        p2c = (k @ q_r.transpose(-2, -1)).gather(-1, index_t).transpose(-2, -1)    # [i, j] = k_j · Q^r_δ(j,i)
+        bias = (c2p + p2c) / math.sqrt(3 * d)
+        return bias if attn_mask is None else bias.masked_fill(~attn_mask, float('-inf'))   # padding keys: -inf
+
+    def received(self, x, attn_mask=None, rel=None, valid=None, chunk=256):
+        """The attention each token receives in this layer: the column means of the (L, L) attention matrix A over the
+        real query tokens, averaged over the heads. x (B, L, n_embd) is the layer's (normed) input -> (B, L).
+        No (L, L) matrix is ever held. FAVOR+ by the linear-attention identity: A[i, j] = φ(q_i)·φ(k_j) / D_i with
+        D_i = φ(q_i)·Σ_j φ(k_j), so Σ_i A[i, j] = φ(k_j) · Σ_i φ(q_i) / D_i, O(L m) per head. Softmax attention (SDPA,
+        DeBERTa's bias included): `chunk` query rows at a time, O(chunk × L) memory."""
+        B, L, _ = x.shape
+        q = self.to_q(x).view(B, L, self.n_head, -1).transpose(1, 2)                         # (B, H, L, d)
+        k = repeat_kv(self.to_k(x).view(B, L, self.n_kv_head, -1).transpose(1, 2), self.n_head // self.n_kv_head)
+        if self.config.attention == 'performer':                # the panel input: no padding
+            q = softmax_kernel(q, self.projection_matrix, is_query=True)                        # (B, H, L, m)
+            k = softmax_kernel(k, self.projection_matrix, is_query=False, batch_max=self.config.favor_batch_max)
+            d_inv = 1 / (q @ k.sum(-2, keepdim=True).transpose(-2, -1))                         # (B, H, L, 1): 1 / D_i
+            return (k @ (q * d_inv).mean(-2, keepdim=True).transpose(-2, -1)).squeeze(-1).mean(1)
+        total = q.new_zeros(B, self.n_head, L)
+        scale = 1 / math.sqrt((3 if rel is not None else 1) * q.shape[-1])
+        for s in range(0, L, chunk):
+            rows = slice(s, s + chunk)
+            scores = q[:, :, rows] @ k.transpose(-2, -1) * scale                               # (B, H, chunk, L)
+            if rel is not None:
+                scores = scores + self.disentangled_bias(q[:, :, rows], k, *rel, attn_mask, rows)
+            elif attn_mask is not None:
+                scores = scores.masked_fill(~attn_mask, float('-inf'))
+            a = scores.float().softmax(-1)
+            if valid is not None:                               # padding queries attend too; leave them out
+                a = a * valid[:, None, rows, None]
+            total += a.sum(-2)
+        n_queries = L if valid is None else valid.sum(-1, keepdim=True)                   # (B, 1)
+        return total.mean(1) / n_queries
 
 
 class MLP(nn.Module):
@@ -454,6 +489,10 @@ class Classifier(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, h, inputs=None):                        # inputs: the encoder's input (tokens or expressed dict)
+        return self.fc3(self.features(h, inputs))
+
+    def features(self, h, inputs=None):
+        """The hidden layer the class logits are read from (B, head_hidden): the cell embedding of the novelty scores."""
         valid = token_valid(inputs)                          # (B, L) bool, None = all real
         if self.kind == 'scbert':
             x = F.relu(self.gene_proj(h).squeeze(-1))        # (B, L)
@@ -468,8 +507,7 @@ class Classifier(nn.Module):
         else:
             x = pool(h, valid, self.kind)                    # (B, n_embd)
             x = x if self.pool_norm is None else self.pool_norm(x)
-        x = self.dropout(F.relu(self.fc2(x)))                # (B, head_hidden)
-        return self.fc3(x)
+        return self.dropout(F.relu(self.fc2(x)))             # (B, head_hidden)
 
 
 def pool(h, valid=None, how='pooled'):
@@ -680,22 +718,69 @@ class ScBERT(nn.Module):
         value = torch.cat([value.new_zeros(len(genes), 1, value.shape[-1]), value], dim=1)   # the CLS token has none
         return self.gene_embedding(self.token_genes(x)) + value            # (B, 1 + T, C)
 
-    def encode(self, x):
-        """-> hidden states (B, L, n_embd) after the final norm (see embed for x; padding positions hold junk)."""
+    def encoder_input(self, x, emb=None):
+        """-> (h, attn_mask, valid, rel): the first block's input (B, L, C) (emb, if given, replaces embed(x)), SDPA's
+        padding mask, the real tokens (see token_valid) and DeBERTa's relative positions (or None)."""
         if self.training and self.config.attention == 'performer':
             self._maybe_redraw_features()
         valid = token_valid(x)
         # SDPA's boolean mask: True = may attend. No mask at all when nothing is padded, so flash attention stays usable.
         attn_mask = None if valid is None or bool(valid.all()) else valid[:, None, None, :]
-        h = self.drop(self.embed(x))
+        h = self.drop(self.embed(x) if emb is None else emb)
         rel = None
         if self.config.disentangled:                         # the genomic relative buckets, once for every layer
             genes = self.token_genes(x)
             bucket = genomic_buckets(self.gene_chrom[genes], self.gene_start[genes], self.config.n_pos_buckets)
             rel = (self.rel_emb.weight, bucket if bucket.dim() == 3 else bucket.unsqueeze(0))   # (B or 1, L, L)
+        return h, attn_mask, valid, rel
+
+    def encode(self, x, emb=None):
+        """-> hidden states (B, L, n_embd) after the final norm (see embed for x; padding positions hold junk)."""
+        h, attn_mask, valid, rel = self.encoder_input(x, emb)
         for block in self.blocks:
             h = block(h, attn_mask, valid, rel)
         return self.ln_f(h)
+
+    # -------------------------------------------------------------------------
+    # which genes matter for a cell (predict.py --importance)
+
+    @torch.no_grad()
+    def attention_received(self, x, chunk=256, as_released=False):
+        """scBERT's attention sum (attn_sum_save.py): the attention each token receives, averaged over the query tokens,
+        the heads and the layers, then normalized to sum to 1 per cell. x: an encoder input -> (B, L), 0 at padding.
+        The original builds the full (L, L) matrix per head in fp16 (over 11 GB at 16,907 genes); Attention.received
+        does not. Its SequentialSequence also computes each layer's matrix a second time, from the layer's input plus
+        the attention's output (the residual), not from what the layer attended with; as_released=True repeats that
+        slip, to compare with the original's numbers."""
+        h, attn_mask, valid, rel = self.encoder_input(x)
+        total = 0.0
+        for block in self.blocks:
+            a = block.ln_1(h)
+            if as_released:
+                a = block.ln_1(h + block.attn(a, attn_mask, rel))
+            total = total + block.attn.received(a, attn_mask, rel, valid, chunk)
+            h = block(h, attn_mask, valid, rel)
+        total = total if valid is None else total * valid
+        return total / total.sum(-1, keepdim=True)
+
+    def gradient_x_input(self, x, target=None):
+        """Gradient × input (Shrikumar et al. 2016; Simonyan et al. 2014 for the gradient) per token: the gradient of
+        the target class's logit with respect to the token's input embedding, dotted with the part of that embedding
+        that the expression makes, embed(x) − embed(x with every value 0). A first-order estimate of how much the
+        logit would drop if the gene fell silent: positive = the gene's expression speaks for the class; unexpressed
+        genes, the CLS token and padding get exactly 0. target (B,) long, default the predicted class.
+        -> (attribution (B, L), logits (B, n_classes))."""
+        if isinstance(x, dict):
+            silent = {'genes': x['genes'], 'values': torch.zeros_like(x['values']), 'bins': torch.zeros_like(x['bins'])}
+        else:
+            silent = torch.zeros_like(x)                         # bin 0: not expressed
+        with torch.enable_grad():
+            emb = self.embed(x).detach().requires_grad_()        # (B, L, C)
+            logits = self.cls_head(self.encode(x, emb), x)
+            target = logits.argmax(-1) if target is None else target
+            grad, = torch.autograd.grad(logits.gather(1, target[:, None]).sum(), emb)
+        with torch.no_grad():
+            return (grad * (emb - self.embed(silent))).sum(-1), logits.detach()
 
     def aux_losses(self):
         """Mean over the MoE layers of the last forward's (load-balancing loss, router z-loss); zeros for a dense model."""

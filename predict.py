@@ -4,14 +4,24 @@ Annotate the cells of an .h5ad file with a fine-tuned scBERT.
     python predict.py --ckpt=out/best.pt --input=my_cells.h5ad --output=predictions.csv
     python predict.py --ckpt=out/best.pt --input=my_cells.h5ad --output_h5ad=annotated.h5ad --embeddings=cells.npy
     python predict.py --ckpt=finetuned.pth --vocab=gene_panel.txt --label_names=celltypes.txt --input=...   # original scBERT
+    python predict.py --ckpt=out/best.pt --input=my_cells.h5ad --importance=genes/   # which genes drive each type
 
 The checkpoint is ours (train.py's best.pt or ckpt.pt, or quantize.py's int8 / ternary file, which carry their gene
 vocabulary, label names and log base) or an original scBERT one, recognised by its keys; then `vocab` and `label_names`
 must be given. Genes are matched to the checkpoint's vocabulary by symbol, and the overlap is reported. Every cell is annotated, in file order: cells with fewer
-than min_genes expressed genes are flagged (column scbert_qc_pass of output_h5ad), never dropped. A cell whose top
-probability is below unassigned_threshold is called 'Unassigned' (scBERT's novel-type rule).
+than min_genes expressed genes are flagged (column scbert_qc_pass of output_h5ad), never dropped.
+
+Novel types: a cell is called 'Unassigned' when its novelty score is above the threshold train.py calibrated on the
+validation cells (novelty=auto: the checkpoint's default score, chosen by leave-one-type-out runs; see the README), or,
+with novelty=scbert, scBERT's rule: its top probability is below unassigned_threshold. Checkpoints without calibrated
+scores (the original's, quantized files, older runs) use scBERT's rule.
+
+Gene importance (importance=<folder>): for every predicted type, the genes that receive the most attention (scBERT's
+attention sum: ScBERT.attention_received) and the genes with the largest gradient × input towards the type
+(ScBERT.gradient_x_input), averaged over the type's cells: top_genes.csv and a plot per type.
 """
 import os
+import re
 import shutil
 import time
 
@@ -20,15 +30,21 @@ import numpy as np
 import torch
 
 from data import UserError, atomic_write, cell_seeds, expressed_batch, process_h5ad, read_gene_list, scbert_tokens
+from metrics import NOVELTY_SCORES, novelty_scores, plot_top_genes
 from model import ScBERT, pool, token_valid
 
 # -----------------------------------------------------------------------------
 ckpt = 'out/best.pt'           # our checkpoint from train.py, or an original scBERT checkpoint (.pth)
 input = ''                     # the .h5ad file to annotate
-output = 'predictions.csv'     # CSV: cell_id,predicted_label,probability,second_label,second_probability
+output = 'predictions.csv'     # CSV: cell_id,predicted_label,probability,second_label,second_probability,novelty_score
 output_h5ad = ''               # also write a copy of the input with the predictions as new obs columns ('' = no)
 embeddings = ''                # also save cell embeddings (n_cells x n_embd, the classifier's pooling) as .npy ('' = no)
-unassigned_threshold = 0.5     # 'Unassigned' when the top probability is below this (scBERT's rule; 0 = off)
+novelty = 'auto'               # 'Unassigned' rule: 'auto' (the checkpoint's calibrated default score, else scBERT's) |
+                               # 'scbert' (top probability < unassigned_threshold) | 'off' | a score with the
+                               # checkpoint's threshold: maxprob | entropy | energy | mahalanobis | knn
+unassigned_threshold = 0.5     # novelty=scbert: 'Unassigned' when the top probability is below this (scBERT's rule)
+importance = ''                # a folder: write each predicted type's top genes (top_genes.csv, <type>.png) ('' = no)
+importance_top = 50            # genes per type and method in top_genes.csv (0 = every gene)
 batch_size = 32                # cells per forward pass
 layer = 'auto'                 # matrix to read: auto | X | raw | <layer name> (as prepare_data.py)
 gene_key = ''                  # var column holding gene symbols ('' = the var index)
@@ -43,6 +59,12 @@ config = configure(globals())
 
 if not input:
     raise UserError('no input: set --input=<file.h5ad>')
+if novelty not in ('auto', 'scbert', 'off', *NOVELTY_SCORES):
+    raise UserError(f"novelty must be auto, scbert, off or one of {', '.join(NOVELTY_SCORES)}, not '{novelty}'")
+if importance_top < 0:
+    raise UserError(f'importance_top must be >= 0 (0 = every gene), not {importance_top}')
+if importance and os.path.exists(importance) and not os.path.isdir(importance):
+    raise UserError(f'importance={importance} is a file; give a folder for top_genes.csv and the plots')
 if not os.path.isfile(ckpt):
     raise UserError(f'checkpoint {ckpt} not found (set --ckpt=<train.py out_dir>/best.pt)')
 for path in (output, output_h5ad, embeddings):                 # fail now, not after the whole inference
@@ -92,13 +114,36 @@ if model.cls_head is None:
 model.to(device).eval()
 n_bins = model.config.n_bins
 
+# the novelty rule: a score and its threshold (novel when the score is above it)
+stats = checkpoint.get('novelty') if isinstance(checkpoint, dict) else None
+rule = (stats['default'] if stats else 'scbert') if novelty == 'auto' else novelty
+if rule in NOVELTY_SCORES and not stats:
+    raise UserError(f'{ckpt} has no calibrated novelty scores (made before they existed, quantized, or an original '
+                    f'checkpoint): use --novelty=scbert, or fine-tune it again with train.py')
+if rule != 'scbert' and unassigned_threshold != 0.5:
+    raise UserError(f"unassigned_threshold is scBERT's rule's; this run uses the rule '{rule}': add --novelty=scbert "
+                    f"(or --novelty=off for no Unassigned calls)")
+if rule == 'scbert':     # top probability < t  <=>  maxprob = 1 - top probability > 1 - t
+    score_name, threshold = 'maxprob', 1 - unassigned_threshold
+elif rule == 'off':
+    score_name, threshold = 'maxprob', float('inf')
+else:
+    score_name, threshold = rule, stats['thresholds'][rule]
+if importance and getattr(model, 'quantization', None):
+    raise UserError(f'{ckpt} is quantized ({model.quantization}): its int8 kernels have no gradient; run --importance '
+                    f'with the float checkpoint it was made from')
+if importance:
+    os.makedirs(importance, exist_ok=True)
+    sums = {m: torch.zeros(len(classes), len(genes), dtype=torch.float64) for m in ('attention', 'gradient_x_input')}
+    n_per_type = torch.zeros(len(classes), dtype=torch.long)
+
 # the cells, processed exactly as prepare_data.py does, aligned to the checkpoint's genes
 cells = process_h5ad(input, layer=layer, gene_key=gene_key, log_base=log_base, vocab=genes, min_genes=min_genes)
 print(cells.summary())
 if cells.n_matched < 0.5 * len(genes):
     print(f'warning: only {cells.n_matched} of the model\'s {len(genes)} genes are in {input}; predictions may be poor')
 
-probs, embeds, qc_pass = [], [], []
+probs, embeds, qc_pass, scores = [], [], [], []
 expressed = model.config.input_genes == 'expressed'
 t0 = time.time()
 with torch.no_grad():
@@ -118,20 +163,40 @@ with torch.no_grad():
                 x = scbert_tokens(torch.from_numpy(dense[start:start + batch_size]), log_base, n_bins).to(device)
             with autocast:
                 h = model.encode(x)                                        # (B, L, n_embd)
-                logits = model.cls_head(h, x)
+                features = model.cls_head.features(h, x)                   # (B, head_hidden)
+                logits = model.cls_head.fc3(features)
             probs.append(logits.float().softmax(-1).cpu().numpy())
+            score = novelty_scores(logits.float(), features.float(), stats)[score_name]
+            scores.append(score)
             if embeddings:
                 how = 'cls' if model.config.head == 'cls' else 'pooled'
                 embeds.append(pool(h.float(), token_valid(x), how).cpu().numpy())
+            if importance:      # per token -> per gene, summed over the cells of each predicted type (Unassigned left out)
+                with autocast:
+                    attention = model.attention_received(x).float()       # (B, L), each cell's sums to 1
+                    gradient, _ = model.gradient_x_input(x)               # (B, L), towards the predicted class
+                top_class = logits.argmax(-1).cpu()
+                kept = torch.from_numpy(score <= threshold)
+                if expressed:   # token 1 + t is gene x['genes'][:, t] (-1 = padding); CLS left out
+                    gene_index, attention, gradient = x['genes'].cpu(), attention[:, 1:], gradient[:, 1:]
+                else:           # panel position i is gene i; the appended last token is not a gene
+                    gene_index = torch.arange(len(genes)).expand(len(top_class), -1)
+                    attention, gradient = attention[:, :len(genes)], gradient[:, :len(genes)]
+                for name, values in (('attention', attention), ('gradient_x_input', gradient)):
+                    per_cell = torch.zeros(len(top_class), len(genes) + 1, dtype=torch.float64)   # + a slot for padding
+                    per_cell.scatter_add_(1, torch.where(gene_index >= 0, gene_index, len(genes)),
+                                          values.detach().double().cpu())
+                    sums[name].index_add_(0, top_class[kept], per_cell[kept, :len(genes)])
+                n_per_type += torch.bincount(top_class[kept], minlength=len(classes))
 elapsed = time.time() - t0
-prob, qc_pass = np.concatenate(probs), np.concatenate(qc_pass)
+prob, qc_pass, score = np.concatenate(probs), np.concatenate(qc_pass), np.concatenate(scores)
 
-# top two classes per cell; 'Unassigned' below the threshold
+# top two classes per cell; 'Unassigned' when the novelty score is above the threshold
 order = np.argsort(-prob, axis=1)
 top, second = order[:, 0], order[:, 1] if prob.shape[1] > 1 else order[:, 0]
 top_p, second_p = prob[np.arange(len(prob)), top], prob[np.arange(len(prob)), second]
 names = np.array(classes, dtype=object)
-predicted = np.where(top_p < unassigned_threshold, 'Unassigned', names[top])
+predicted = np.where(score > threshold, 'Unassigned', names[top])
 
 
 def csv_field(s):
@@ -141,9 +206,9 @@ def csv_field(s):
 
 with atomic_write(output) as tmp:
     with open(tmp, 'w') as f:
-        f.write('cell_id,predicted_label,probability,second_label,second_probability\n')
-        for row in zip(cells.cell_ids, predicted, top_p, names[second], second_p):
-            f.write(f'{csv_field(row[0])},{csv_field(row[1])},{row[2]:.6f},{csv_field(row[3])},{row[4]:.6f}\n')
+        f.write('cell_id,predicted_label,probability,second_label,second_probability,novelty_score\n')
+        for row in zip(cells.cell_ids, predicted, top_p, names[second], second_p, score):
+            f.write(f'{csv_field(row[0])},{csv_field(row[1])},{row[2]:.6f},{csv_field(row[3])},{row[4]:.6f},{row[5]:.6g}\n')
 if embeddings:
     with atomic_write(embeddings) as tmp:
         with open(tmp, 'wb') as f:
@@ -187,12 +252,29 @@ if output_h5ad:
         shutil.copyfile(input, tmp)
         add_obs_columns(tmp, {'scbert_prediction': predicted.astype(object), 'scbert_probability': top_p.astype(np.float32),
                               'scbert_second': names[second].astype(object), 'scbert_second_probability': second_p.astype(np.float32),
-                              'scbert_qc_pass': qc_pass.astype(bool)})
+                              'scbert_novelty_score': score.astype(np.float32), 'scbert_qc_pass': qc_pass.astype(bool)})
+
+if importance:          # each type's mean over its cells, ranked; scores are per cell (attention: a share of 1)
+    with atomic_write(os.path.join(importance, 'top_genes.csv')) as tmp, open(tmp, 'w') as f:
+        f.write('cell_type,n_cells,method,rank,gene,score\n')
+        for c in np.flatnonzero(n_per_type.numpy()):
+            ranked = {}
+            for name, total in sums.items():
+                mean = (total[c] / n_per_type[c]).numpy()
+                order_c = np.argsort(-mean, kind='stable')[:importance_top or None]
+                ranked[name] = [(genes[g], mean[g]) for g in order_c]
+                for rank, (gene, value) in enumerate(ranked[name], 1):
+                    f.write(f'{csv_field(classes[c])},{int(n_per_type[c])},{name},{rank},{csv_field(gene)},{value:.6g}\n')
+            plot_top_genes(ranked, os.path.join(importance, re.sub(r'[^A-Za-z0-9_.+-]', '_', classes[c]) + '.png'),
+                           title=f'{classes[c]} ({int(n_per_type[c])} cells)')
 
 n_unassigned, n_fail = int((predicted == 'Unassigned').sum()), int((~qc_pass).sum())
 print(f'annotated {len(prob)} cells in {elapsed:.1f} s ({len(prob) / max(elapsed, 1e-9):.1f} cells/s) -> {output}'
-      + (f', {output_h5ad}' if output_h5ad else '') + (f', {embeddings}' if embeddings else ''))
-print(f'{n_unassigned} Unassigned (top probability < {unassigned_threshold}); '
+      + (f', {output_h5ad}' if output_h5ad else '') + (f', {embeddings}' if embeddings else '')
+      + (f', {importance}/top_genes.csv and a plot per type' if importance else ''))
+rule_text = {'scbert': f"scBERT's rule: top probability < {unassigned_threshold}", 'off': 'novelty=off'}.get(
+    rule, f"{rule} score > {threshold:.4g}, the {stats['quantile'] if stats else 0:.0%} quantile of the validation cells")
+print(f'{n_unassigned} Unassigned ({rule_text}); '
       f'{n_fail} cells with fewer than {min_genes} expressed genes (flagged in scbert_qc_pass, still annotated)')
 for name, count in zip(*np.unique(predicted, return_counts=True)):
     print(f'  {count:6d}  {name}')

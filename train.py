@@ -11,15 +11,23 @@ Pretrain scBERT by masked expression modelling, or fine-tune it to annotate cell
     python train.py --teacher=out/best.pt --out_dir=out-student   # distil into a half-depth student (see distill.py)
     python train.py --bitlinear=True --init_from=out/best.pt --out_dir=out-qat   # BitNet b1.58 QAT (then quantize.py)
     torchrun --nproc_per_node=8 train.py config/scbert2.py        # DDP: nccl on CUDA, gloo on CPU
+    python train.py config/ablation_baron.py --fold=0 --holdout=all  # novel types: leave each type out in turn
 
 Folds: the test fold is `fold`, the validation fold is the next one, the rest train. The validation fold picks the best
 checkpoint (macro-F1); the test fold is only scored, once, at the end. Writes out_dir/ckpt.pt (the latest state, for
 resume), out_dir/best.pt (the best model, for predict.py), metrics.json, loss.png and confusion.png. With fold='all'
 each fold writes these in out_dir/fold<k>/, and out_dir/metrics.json holds the mean ± sd over folds and every fold.
+
+Novel cell types: after fine-tuning, best.pt also gets what predict.py needs to call a cell 'Unassigned': the novelty
+scores' statistics of the training cells (metrics.fit_novelty) and each score's threshold, the novelty_quantile of the
+validation cells' scores. With holdout=<type> (or 'all') the type is left out of training and validation, and its cells
+join the test fold as novel: the run reports each score's AUROC (novel vs the test fold's known cells) and the known
+and novel accuracy at the thresholds, beside scBERT's rule, in out_dir/holdout_<type>/ and out_dir/novelty.{json,md}.
 """
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -34,8 +42,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from data import (Dataset, UserError, atomic_write, cell_seeds, dynamic_mask_rate, expressed_batch, fold_split,
-                  load_checkpoint, mask_expressed, mask_panel, masking_units, parse_multiscale_weights, scbert_tokens)
-from metrics import classification_metrics, fit_logistic_regression, format_metrics_line, plot_confusion, plot_loss
+                  leave_out_type, load_checkpoint, mask_expressed, mask_panel, masking_units, parse_multiscale_weights, scbert_tokens)
+from metrics import (NOVELTY_SCORES, classification_metrics, fit_logistic_regression, fit_novelty, format_metrics_line,
+                     novelty_report, novelty_scores, plot_confusion, plot_loss)
 from model import (Classifier, ModelConfig, ScBERT, as_bitlinear, calibrate_bitlinear, clean_state_dict, cosine_loss,
                    distil_student, kd_loss, token_valid)
 
@@ -125,6 +134,15 @@ region_genes = 16              # masking=multiscale: genes per chromosome region
 multiscale_weights = '1,1,1'   # masking=multiscale: how often each scale is drawn: single genes, pathways, regions
 baseline = True                # also fit logistic regression on the same folds and print it beside the model
 baseline_max_cells = 20000     # fit the baseline on at most this many training cells (a stratified sample)
+# novel cell types (fine-tuning): best.pt gets the novelty scores' statistics and thresholds; predict.py uses them
+novelty_score = 'knn'          # predict.py's default rule: 'maxprob' (scBERT's score) | 'entropy' | 'energy' |
+                               # 'mahalanobis' | 'knn' (chosen by the leave-one-type-out runs in the README)
+novelty_quantile = 0.95        # each score's threshold: this quantile of the validation cells' scores (so about 5% of
+                               # known cells are called Unassigned)
+novelty_cells = 20000          # fit the embedding scores on at most this many training cells (a random sample)
+holdout = ''                   # leave-one-cell-type-out: this type is never trained on and its cells are tested as
+                               # novel; 'all' = every type with at least holdout_min_cells labelled cells, in turn
+holdout_min_cells = 30
 lr_C = 1.0                     # inverse L2 strength of the logistic-regression baseline
 # distillation (DistilBERT, Sanh et al. 2019; distill.py runs train.py with a teacher)
 teacher = ''                   # teacher checkpoint (ours, or an original scBERT .pth; '{fold}' becomes the fold number,
@@ -158,7 +176,14 @@ choices = dict(mode=('pretrain', 'finetune'), finetune_params=('all', 'head', 's
 for name, allowed in choices.items():
     if globals()[name] not in allowed:
         raise UserError(f"{name} must be one of {', '.join(allowed)}, not '{globals()[name]}' (set --{name}=...)")
-for name in ('max_iters', 'eval_interval', 'log_interval', 'batch_size', 'grad_accum', 'calibration_cells'):
+if novelty_score not in NOVELTY_SCORES:
+    raise UserError(f"novelty_score must be one of {', '.join(NOVELTY_SCORES)}, not '{novelty_score}'")
+if not 0 < novelty_quantile < 1:
+    raise UserError(f'novelty_quantile must be between 0 and 1 (e.g. 0.95), not {novelty_quantile}')
+if holdout and mode != 'finetune':
+    raise UserError('holdout leaves a cell type out of fine-tuning: set --mode=finetune (or --holdout=)')
+for name in ('max_iters', 'eval_interval', 'log_interval', 'batch_size', 'grad_accum', 'calibration_cells',
+             'novelty_cells', 'holdout_min_cells'):
     if globals()[name] < 1:
         raise UserError(f'{name} must be at least 1, not {globals()[name]} (set --{name}=...)')
 if device != 'auto' and 'cuda' in device and not torch.cuda.is_available():
@@ -387,6 +412,9 @@ def load_model(path, model_args, k):
             raise UserError(f"{path} was fine-tuned on this dataset with test fold {ckpt['fold']} "
                             f"{ckpt.get('test_batch') or ''}: it trained on this run's test cells; continue the "
                             f"checkpoint of fold {k} ({{fold}} in --init_from)")
+        if held_out and init_from != 'resume' and ckpt['model_args'].get('n_classes'):
+            raise UserError(f"{path} is fine-tuned (on {', '.join(ckpt.get('label_names') or ['its cell types'])}): "
+                            f"with holdout it may have seen '{held_out}'; start from scratch or a pretrained model")
         args = dict(ckpt['model_args'])
         same_task = init_from == 'resume' or (args['n_classes'] == n_classes and ckpt.get('label_names') == data.label_names)
         if not same_task:                                          # e.g. pretrained -> fine-tune: a fresh classifier
@@ -418,6 +446,9 @@ def load_model(path, model_args, k):
             model = ScBERT.from_scbert(ckpt, dropout=dropout, seed=seed)
         except (ValueError, KeyError, RuntimeError) as e:
             raise UserError(f'{path} is neither a nanoscBERT nor an original scBERT checkpoint ({e})') from None
+        if held_out and model.cls_head is not None:
+            raise UserError(f"{path} is a fine-tuned original scBERT: with holdout it may have seen '{held_out}'; "
+                            f"start from scratch or a pretrained model")
         if model.config.n_genes != data.n_genes:
             raise UserError(f'{path} expects a {model.config.n_genes}-gene panel but {dataset} has {data.n_genes} genes; '
                             f'prepare the data with --vocab=<the checkpoint gene panel, one symbol per line>')
@@ -663,9 +694,30 @@ def save(path, obj):
 
 # -----------------------------------------------------------------------------
 
-def train_fold(k, fold_dir):
-    """Train with test fold k (validation fold k+1) into fold_dir; returns the final metrics dict."""
-    train_idx, val_idx, test_idx = fold_split(data, k, test_batch)   # test_batch: test on one batch (donor)
+@torch.no_grad()
+def cell_outputs(model, idx):
+    """-> (logits (n, n_classes), the classifier's hidden features (n, head_hidden)) of cells idx, float32 on the CPU."""
+    model.eval()
+    logits, features = [], []
+    for start in range(0, len(idx), batch_size * 2):
+        x = to_device(get_batch(idx[start:start + batch_size * 2], model.config)[0])
+        with autocast:
+            f = model.cls_head.features(model.encode(x), x)
+            logits.append(model.cls_head.fc3(f).float().cpu())
+        features.append(f.float().cpu())
+    return torch.cat(logits), torch.cat(features)
+
+
+def novelty_line(name, r):
+    return (f"{name:11s} AUROC {r['auroc']:.3f}, known acc {r['known_acc']:.3f}, novel acc {r['novel_acc']:.3f} "
+            f"(threshold {r['threshold']:.4g})")
+
+
+def train_fold(k, fold_dir, novel_idx=None):
+    """Train with test fold k (validation fold k+1) into fold_dir; returns the final metrics dict. novel_idx: the cells
+    of the held-out type (their labels are -1 in data.labels), tested as novel beside the test fold's known cells."""
+    # test_batch: test on one batch (donor); holdout: the known types only
+    train_idx, val_idx, test_idx = fold_split(data, k, test_batch, labelled_only=novel_idx is not None)
     if mode == 'pretrain':      # no labels to protect: train on every fold but the validation one
         train_idx, val_idx, test_idx = np.sort(np.concatenate([train_idx, test_idx])), val_idx, None
     if len(train_idx) == 0 or len(val_idx) == 0 or (test_idx is not None and len(test_idx) == 0):
@@ -894,6 +946,30 @@ def train_fold(k, fold_dir):
                                       for i in range(0, len(test_idx), 4096)])
             result['baseline'] = classification_metrics(data.labels[test_idx], lr_prob.argmax(1), lr_prob, data.label_names)
             log(f'fold {k} test  logistic regression  {format_metrics_line(result["baseline"])}')
+        # novel cell types: the embedding scores' statistics from training cells, each score's threshold from the
+        # validation cells (known types only: a quantile of their scores), stored in best.pt for predict.py
+        fit_idx = train_idx if len(train_idx) <= novelty_cells else \
+            np.sort(np.random.default_rng(seed).choice(train_idx, novelty_cells, replace=False))
+        fit_logits, fit_features = cell_outputs(best_model, fit_idx)
+        stats = fit_novelty(fit_features, data.labels[fit_idx], len(data.label_names), seed=seed)
+        val_scores = novelty_scores(*cell_outputs(best_model, val_idx), stats)
+        thresholds = {name: float(np.quantile(s, novelty_quantile)) for name, s in val_scores.items()}
+        best_ckpt['novelty'] = dict(stats, default=novelty_score, quantile=novelty_quantile, thresholds=thresholds)
+        save(os.path.join(fold_dir, 'best.pt'), best_ckpt)
+        if novel_idx is not None:
+            logits, features = cell_outputs(best_model, test_idx)
+            known = novelty_scores(logits, features, stats)
+            novel = novelty_scores(*cell_outputs(best_model, novel_idx), stats)
+            correct = logits.argmax(1).numpy() == data.labels[test_idx]
+            report = novelty_report(known, correct, novel, thresholds)
+            # scBERT's rule, a fixed threshold: Unassigned when the top probability is below 0.5
+            report['scbert_rule'] = novelty_report({'maxprob': known['maxprob']}, correct, {'maxprob': novel['maxprob']},
+                                                   {'maxprob': 0.5})['maxprob']
+            result.update(holdout=held_out, n_novel=len(novel_idx), novelty=report)
+            log(f"fold {k} novel '{held_out}' ({len(novel_idx)} cells) vs {len(test_idx)} known test cells; "
+                f"thresholds: the {novelty_quantile:.0%} quantile of the validation cells' scores")
+            for name, r in report.items():
+                log(f'fold {k} novelty {novelty_line(name, r)}')
     else:
         result['val'] = dict(best.get('val', {}), loss=best['loss'], iter=best['iter'])
     plot_loss(history, os.path.join(fold_dir, 'loss.png'))
@@ -912,9 +988,54 @@ elif fold.isdigit() and int(fold) < n_folds:
     folds = [int(fold)]
 else:
     raise UserError(f"fold must be 0..{n_folds - 1} or 'all', not '{fold}'")
-results = [train_fold(k, os.path.join(out_dir, f'fold{k}') if fold == 'all' else out_dir) for k in folds]
+held_out, runs = '', [('', k) for k in folds]      # held_out: the cell type the current run leaves out
+if holdout:                                     # leave-one-cell-type-out: every run remaps the labels from these
+    all_names, all_labels = list(data.label_names), data.labels.copy()
+    counts = np.bincount(all_labels[all_labels >= 0], minlength=len(all_names))
+    if holdout == 'all':
+        types = [t for t, c in zip(all_names, counts) if c >= holdout_min_cells]
+    elif holdout in all_names:
+        types = [holdout]
+    else:
+        raise UserError(f"holdout '{holdout}' is not a cell type of {dataset} (its types: {', '.join(all_names)}), or "
+                        f"'all'")
+    if not types or len(all_names) < 3:
+        raise UserError(f'holdout needs at least 3 cell types and one with {holdout_min_cells} labelled cells '
+                        f'(set --holdout_min_cells=...)')
+    runs = [(t, k) for t in types for k in folds]
+results = []
+for held_out, k in runs:
+    run_dir = os.path.join(out_dir, 'holdout_' + re.sub(r'[^A-Za-z0-9_.+-]', '_', held_out)) if held_out else out_dir
+    novel_idx = None
+    if held_out:                                # the held-out type's cells get label -1; the others close the gap
+        data.labels, data.label_names, novel_idx = leave_out_type(all_labels, all_names, held_out)
+    results.append(train_fold(k, os.path.join(run_dir, f'fold{k}') if fold == 'all' else run_dir, novel_idx))
 
-if master and len(results) > 1 and all(results) and mode == 'finetune':
+if master and holdout and all(results):         # one row per held-out type, the mean over its folds
+    rows = {}
+    for r in results:
+        rows.setdefault(r['holdout'], []).append(r)
+    names = [*NOVELTY_SCORES, 'scbert_rule']
+    table = {t: {'n_novel': rs[0]['n_novel'], 'n_folds': len(rs),
+                 **{name: {m: float(np.mean([r['novelty'][name][m] for r in rs])) for m in ('auroc', 'known_acc', 'novel_acc')}
+                    for name in names}} for t, rs in rows.items()}
+    mean = {name: {m: float(np.mean([row[name][m] for row in table.values()])) for m in ('auroc', 'known_acc', 'novel_acc')}
+            for name in names}
+    lines = [f'Novelty AUROC, leave one type out ({dataset}, test fold {fold}; novel = the held-out type\'s cells, '
+             f'known = the test fold\'s other cells). Accuracies at the threshold (validation {novelty_quantile:.0%} '
+             f'quantile) of {novelty_score}, and of scBERT\'s rule (Unassigned when the top probability < 0.5):', '',
+             '| held-out type | cells | ' + ' | '.join(NOVELTY_SCORES) + f' | {novelty_score}: known / novel acc | '
+             'scBERT rule: known / novel acc |', '|---|---:|' + '---:|' * (len(NOVELTY_SCORES) + 2)]
+    for t, row in [*table.items(), ('mean', dict(mean, n_novel=''))]:
+        lines.append(f"| {t} | {row['n_novel']} | " + ' | '.join(f"{row[name]['auroc']:.3f}" for name in NOVELTY_SCORES)
+                     + f" | {row[novelty_score]['known_acc']:.3f} / {row[novelty_score]['novel_acc']:.3f} | "
+                     f"{row['scbert_rule']['known_acc']:.3f} / {row['scbert_rule']['novel_acc']:.3f} |")
+    with atomic_write(os.path.join(out_dir, 'novelty.json')) as tmp, open(tmp, 'w') as f:
+        json.dump({'dataset': dataset, 'fold': fold, 'quantile': novelty_quantile, 'types': table, 'mean': mean}, f, indent=1)
+    with atomic_write(os.path.join(out_dir, 'novelty.md')) as tmp, open(tmp, 'w') as f:
+        f.write('\n'.join(lines) + '\n')
+    log('\n'.join(lines))
+elif master and len(results) > 1 and all(results) and mode == 'finetune':
     summary = {}
     for who in ('test', 'baseline'):
         if all(who in r for r in results):

@@ -133,10 +133,11 @@ def test_predict_end_to_end(baron, tmp_path):
     source = FIXTURES / 'counts_csr.h5ad'
     result = run('predict.py', f'--ckpt={out / "best.pt"}', f'--input={source}', f'--output={tmp_path / "p.csv"}',
                  f'--output_h5ad={tmp_path / "p.h5ad"}', f'--embeddings={tmp_path / "e.npy"}',
-                 '--unassigned_threshold=0', '--min_genes=150')
+                 '--novelty=off', '--min_genes=150')
     assert 'matched 385 / vocab 385 / data 385' in result.stdout
     rows = list(csv.reader(open(tmp_path / 'p.csv')))
-    assert rows[0] == ['cell_id', 'predicted_label', 'probability', 'second_label', 'second_probability']
+    assert rows[0] == ['cell_id', 'predicted_label', 'probability', 'second_label', 'second_probability',
+                       'novelty_score']
     with h5py.File(source) as f:
         n_cells = f['X/indptr'].shape[0] - 1
     assert len(rows) == n_cells + 1                                          # every cell, none dropped
@@ -151,8 +152,72 @@ def test_predict_end_to_end(baron, tmp_path):
     assert 0 < sum(v in (True, 'True') for v in qc) < n_cells                 # some cells flagged, all still annotated
     # scBERT's novelty rule: a threshold above every probability calls every cell Unassigned
     run('predict.py', f'--ckpt={out / "best.pt"}', f'--input={source}', f'--output={tmp_path / "u.csv"}',
-        '--unassigned_threshold=1.01')
+        '--novelty=scbert', '--unassigned_threshold=1.01')
     assert {r[1] for r in list(csv.reader(open(tmp_path / 'u.csv')))[1:]} == {'Unassigned'}
+
+
+def test_leave_one_type_out_novelty_and_gene_importance_end_to_end(baron, tmp_path):
+    """train.py --holdout: the type is out of the classifier and of training, its cells are scored as novel beside
+    the test fold, every score is reported; best.pt carries the calibrated novelty rule that predict.py applies; and
+    predict.py --importance writes each predicted type's top genes and a plot."""
+    import data
+    out = tmp_path / 'out'
+    run('train.py', f'--dataset={baron}', f'--out_dir={out}', *TINY, '--max_iters=20', '--eval_interval=10',
+        '--baseline=False', '--learning_rate=3e-3', '--holdout=beta', '--holdout_min_cells=6')
+    ds = data.Dataset(baron)
+    beta = ds.label_names.index('beta')
+    run_dir = out / 'holdout_beta'
+    metrics = json.load(open(run_dir / 'metrics.json'))
+    known_train = [i for i in np.flatnonzero(~np.isin(ds.folds, [0, 1])) if ds.labels[i] != beta]
+    assert metrics['holdout'] == 'beta' and metrics['n_novel'] == int((ds.labels == beta).sum()) == 6
+    assert metrics['n_train'] == len(known_train)
+    assert set(metrics['novelty']) == {'maxprob', 'entropy', 'energy', 'mahalanobis', 'knn', 'scbert_rule'}
+    for r in metrics['novelty'].values():
+        assert 0 <= r['auroc'] <= 1 and 0 <= r['known_acc'] <= 1 and 0 <= r['novel_acc'] <= 1
+    assert metrics['novelty']['scbert_rule']['threshold'] == 0.5
+    summary = json.load(open(out / 'novelty.json'))
+    assert list(summary['types']) == ['beta'] and (out / 'novelty.md').read_text().count('| beta |') == 1
+    best = state(run_dir / 'best.pt')
+    assert 'beta' not in best['label_names'] and len(best['label_names']) == 12 and best['model_args']['n_classes'] == 12
+    novelty = best['novelty']
+    assert novelty['default'] == 'knn' and novelty['quantile'] == 0.95 and set(novelty['thresholds']) == {
+        'maxprob', 'entropy', 'energy', 'mahalanobis', 'knn'}
+    assert novelty['class_means'].shape == (12, 16) and novelty['bank'].shape[0] == len(known_train)
+
+    # predict.py: the checkpoint's calibrated rule by default, and gene importance per predicted type
+    source = FIXTURES / 'counts_csr.h5ad'
+    result = run('predict.py', f'--ckpt={run_dir / "best.pt"}', f'--input={source}', f'--output={tmp_path / "p.csv"}',
+                 f'--importance={tmp_path / "genes"}', '--importance_top=5')
+    rows = list(csv.reader(open(tmp_path / 'p.csv')))[1:]
+    threshold = novelty['thresholds']['knn']
+    assert [r[1] == 'Unassigned' for r in rows] == [float(r[5]) > threshold * (1 + 1e-6) for r in rows]
+    assert 'knn score >' in result.stdout
+    top = list(csv.DictReader(open(tmp_path / 'genes' / 'top_genes.csv')))
+    predicted = {r[1] for r in rows} - {'Unassigned'}
+    assert {r['cell_type'] for r in top} == predicted
+    for cell_type in predicted:
+        for method in ('attention', 'gradient_x_input'):
+            ranked = [r for r in top if r['cell_type'] == cell_type and r['method'] == method]
+            assert [int(r['rank']) for r in ranked] == [1, 2, 3, 4, 5]
+            scores = [float(r['score']) for r in ranked]
+            assert scores == sorted(scores, reverse=True) and all(r['gene'] in ds.vocab for r in ranked)
+        assert (tmp_path / 'genes' / f'{cell_type}.png').stat().st_size > 1000
+    n_cells = {r['cell_type']: int(r['n_cells']) for r in top}
+    assert n_cells == {t: sum(r[1] == t for r in rows) for t in predicted}
+    # another calibrated score, and scBERT's threshold without its rule: a one-line error
+    run('predict.py', f'--ckpt={run_dir / "best.pt"}', f'--input={source}', f'--output={tmp_path / "e.csv"}',
+        '--novelty=entropy')
+    rows = list(csv.reader(open(tmp_path / 'e.csv')))[1:]
+    assert [r[1] == 'Unassigned' for r in rows] == [float(r[5]) > novelty['thresholds']['entropy'] * (1 + 1e-6)
+                                                    for r in rows]
+    user_error(run('predict.py', f'--ckpt={run_dir / "best.pt"}', f'--input={source}', '--unassigned_threshold=0.3',
+                   f'--output={tmp_path / "x.csv"}', check=False), 'novelty=scbert')
+    user_error(run('train.py', f'--dataset={baron}', f'--out_dir={tmp_path / "o2"}', '--holdout=pancreas', check=False),
+               'not a cell type')
+    user_error(run('train.py', f'--dataset={baron}', f'--out_dir={tmp_path / "o3"}', '--holdout=all', check=False),
+               'holdout_min_cells')
+    user_error(run('train.py', f'--dataset={baron}', f'--out_dir={tmp_path / "o4"}', '--holdout=beta',
+                   f'--init_from={run_dir / "best.pt"}', check=False), 'fine-tuned')
 
 
 def test_original_scbert_checkpoint_predicts_and_finetunes(tmp_path):
