@@ -18,7 +18,8 @@ scores (the original's, quantized files, older runs) use scBERT's rule.
 
 Gene importance (importance=<folder>): for every predicted type, the genes that receive the most attention (scBERT's
 attention sum: ScBERT.attention_received) and the genes with the largest gradient × input towards the type
-(ScBERT.gradient_x_input), averaged over the type's cells: top_genes.csv and a plot per type.
+(ScBERT.gradient_x_input), averaged over the type's cells: top_genes.csv and a plot per type; and each cell's own top
+genes by both: cell_top_genes.csv.
 """
 import os
 import re
@@ -45,6 +46,7 @@ novelty = 'auto'               # 'Unassigned' rule: 'auto' (the checkpoint's cal
 unassigned_threshold = 0.5     # novelty=scbert: 'Unassigned' when the top probability is below this (scBERT's rule)
 importance = ''                # a folder: write each predicted type's top genes (top_genes.csv, <type>.png) ('' = no)
 importance_top = 50            # genes per type and method in top_genes.csv (0 = every gene)
+importance_cell_top = 10       # genes per cell and method in cell_top_genes.csv (0 = no per-cell file)
 batch_size = 32                # cells per forward pass
 layer = 'auto'                 # matrix to read: auto | X | raw | <layer name> (as prepare_data.py)
 gene_key = ''                  # var column holding gene symbols ('' = the var index)
@@ -61,8 +63,8 @@ if not input:
     raise UserError('no input: set --input=<file.h5ad>')
 if novelty not in ('auto', 'scbert', 'off', *NOVELTY_SCORES):
     raise UserError(f"novelty must be auto, scbert, off or one of {', '.join(NOVELTY_SCORES)}, not '{novelty}'")
-if importance_top < 0:
-    raise UserError(f'importance_top must be >= 0 (0 = every gene), not {importance_top}')
+if importance_top < 0 or importance_cell_top < 0:
+    raise UserError(f'importance_top and importance_cell_top must be >= 0, not {importance_top} and {importance_cell_top}')
 if importance and os.path.exists(importance) and not os.path.isdir(importance):
     raise UserError(f'importance={importance} is a file; give a folder for top_genes.csv and the plots')
 if not os.path.isfile(ckpt):
@@ -136,6 +138,7 @@ if importance:
     os.makedirs(importance, exist_ok=True)
     sums = {m: torch.zeros(len(classes), len(genes), dtype=torch.float64) for m in ('attention', 'gradient_x_input')}
     n_per_type = torch.zeros(len(classes), dtype=torch.long)
+    cell_top = {m: [] for m in sums}                    # per cell: its importance_cell_top genes, best first
 
 # the cells, processed exactly as prepare_data.py does, aligned to the checkpoint's genes
 cells = process_h5ad(input, layer=layer, gene_key=gene_key, log_base=log_base, vocab=genes, min_genes=min_genes)
@@ -187,6 +190,9 @@ with torch.no_grad():
                     per_cell.scatter_add_(1, torch.where(gene_index >= 0, gene_index, len(genes)),
                                           values.detach().double().cpu())
                     sums[name].index_add_(0, top_class[kept], per_cell[kept, :len(genes)])
+                    if importance_cell_top:         # the cell's own ranking (genes it does not show score 0)
+                        best = per_cell[:, :len(genes)].topk(min(importance_cell_top, len(genes)), dim=1).indices
+                        cell_top[name] += [';'.join(genes[g] for g in row) for row in best.tolist()]
                 n_per_type += torch.bincount(top_class[kept], minlength=len(classes))
 elapsed = time.time() - t0
 prob, qc_pass, score = np.concatenate(probs), np.concatenate(qc_pass), np.concatenate(scores)
@@ -267,11 +273,16 @@ if importance:          # each type's mean over its cells, ranked; scores are pe
                     f.write(f'{csv_field(classes[c])},{int(n_per_type[c])},{name},{rank},{csv_field(gene)},{value:.6g}\n')
             plot_top_genes(ranked, os.path.join(importance, re.sub(r'[^A-Za-z0-9_.+-]', '_', classes[c]) + '.png'),
                            title=f'{classes[c]} ({int(n_per_type[c])} cells)')
+    if importance_cell_top:
+        with atomic_write(os.path.join(importance, 'cell_top_genes.csv')) as tmp, open(tmp, 'w') as f:
+            f.write('cell_id,predicted_label,attention,gradient_x_input\n')
+            for row in zip(cells.cell_ids, predicted, cell_top['attention'], cell_top['gradient_x_input']):
+                f.write(','.join(csv_field(v) for v in row) + '\n')
 
 n_unassigned, n_fail = int((predicted == 'Unassigned').sum()), int((~qc_pass).sum())
 print(f'annotated {len(prob)} cells in {elapsed:.1f} s ({len(prob) / max(elapsed, 1e-9):.1f} cells/s) -> {output}'
       + (f', {output_h5ad}' if output_h5ad else '') + (f', {embeddings}' if embeddings else '')
-      + (f', {importance}/top_genes.csv and a plot per type' if importance else ''))
+      + (f', {importance}/top_genes.csv, cell_top_genes.csv and a plot per type' if importance else ''))
 rule_text = {'scbert': f"scBERT's rule: top probability < {unassigned_threshold}", 'off': 'novelty=off'}.get(
     rule, f"{rule} score > {threshold:.4g}, the {stats['quantile'] if stats else 0:.0%} quantile of the validation cells")
 print(f'{n_unassigned} Unassigned ({rule_text}); '

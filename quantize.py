@@ -16,6 +16,9 @@ their gains calibrated on calibration_cells random training cells: post-training
 the router, FAVOR+'s features and the heads stay fp32. Ternary weights are stored five to a byte (base 3) and unpacked
 exactly when the checkpoint loads: predict.py, bench.py and ScBERT.from_checkpoint run the file as it is.
 
+A checkpoint with calibrated novelty scores (train.py's best.pt) gets them fitted again on the quantized model, whose
+cell embeddings moved: the same training cells, and thresholds at the same quantile of the validation cells' scores.
+
 The report: parameters quantized and kept in float, the quantized matrices' bytes against fp32, the file sizes, and
 for a fine-tuned checkpoint of ours the test fold's accuracy and macro-F1 of the float model and of the quantized
 one, and how often they agree. Speed is bench.py's: python bench.py --variants=out/best.pt,out/best_int8.pt
@@ -27,8 +30,9 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
-from data import Dataset, UserError, atomic_write, classify_input, fold_split, load_checkpoint, read_gene_list
-from metrics import classification_metrics
+from data import (Dataset, UserError, atomic_write, classify_input, fold_split, leave_out_type, load_checkpoint,
+                  read_gene_list)
+from metrics import classification_metrics, fit_novelty, novelty_scores
 from model import ScBERT, as_bitlinear, calibrate_bitlinear, packed_state_dict, quantize
 
 # -----------------------------------------------------------------------------
@@ -79,12 +83,32 @@ def linear_bytes(model):
 
 
 @torch.no_grad()
-def predict(model, data, idx):
-    probs = []
+def outputs(model, data, idx):
+    """-> (logits, the classifier's hidden features) of cells idx, as float32 tensors."""
+    logits, features = [], []
     for start in range(0, len(idx), batch_size):
         x = classify_input(data, idx[start:start + batch_size], model.config)
-        probs.append(model(x)[0].float().softmax(-1))
-    return torch.cat(probs).numpy()
+        f = model.cls_head.features(model.encode(x), x).float()
+        logits.append(model.cls_head.fc3(f))
+        features.append(f)
+    return torch.cat(logits), torch.cat(features)
+
+
+def predict(model, data, idx):
+    return outputs(model, data, idx)[0].softmax(-1).numpy()
+
+
+def refit_novelty(model, data, split, novelty):
+    """The novelty statistics and thresholds of the quantized model, fitted as train.py fits the float model's: on
+    the same number of training cells (a random sample), thresholds at the same quantile of the validation cells."""
+    train_idx, val_idx = split[0], split[1]
+    n_fit = min(len(train_idx), int(novelty['n_fit']) if 'n_fit' in novelty else len(train_idx))
+    fit_idx = np.sort(np.random.default_rng(0).choice(train_idx, n_fit, replace=False))
+    stats = fit_novelty(outputs(model, data, fit_idx)[1], data.labels[fit_idx], model.config.n_classes,
+                        k=novelty['k'], max_bank=len(novelty['bank']))
+    val_scores = novelty_scores(*outputs(model, data, val_idx), stats)
+    thresholds = {name: float(np.quantile(v, novelty['quantile'])) for name, v in val_scores.items()}
+    return dict(novelty, **stats, thresholds=thresholds)
 
 
 def quantize_one(path, k, out_path):
@@ -128,16 +152,22 @@ def quantize_one(path, k, out_path):
     k = k if k is not None else meta.get('fold')
     data = split = None
     needs_calibration = scheme == 'ternary' and not qat
-    if (needs_calibration or (evaluate and model.cls_head is not None)) and not data_path:
+    novelty = checkpoint.get('novelty') if ours else None
+    if (needs_calibration or novelty or (evaluate and model.cls_head is not None)) and not data_path:
         if needs_calibration:
             raise UserError(f'{path} does not say which dataset it trained on: set --dataset=<prepared dataset>')
         print(f'note: {path} does not say which dataset it trained on, so it is not scored: set --dataset=... to score it')
-    elif needs_calibration or (evaluate and model.cls_head is not None):
+    elif needs_calibration or novelty or (evaluate and model.cls_head is not None):
         data = Dataset(data_path)
         if data.vocab != list(meta.get('vocab', data.vocab)):
             raise UserError(f'{data_path} has other genes than {path}; give the dataset it was trained on (--dataset)')
+        held_out = sorted(set(data.label_names) - set(meta.get('label_names') or data.label_names))
+        if len(held_out) == 1:                                 # a train.py --holdout run: its labels, without the type
+            data.labels, data.label_names, _ = leave_out_type(data.labels, data.label_names, held_out[0])
+        if model.cls_head is not None and list(meta.get('label_names') or data.label_names) != data.label_names:
+            raise UserError(f'{data_path} has other cell types than {path}; give the dataset it was trained on (--dataset)')
         if k is not None:
-            split = fold_split(data, int(k), meta.get('test_batch', ''))
+            split = fold_split(data, int(k), meta.get('test_batch', ''), labelled_only=len(held_out) == 1)
         elif needs_calibration:
             raise UserError(f'{path} does not record its test fold, whose cells calibration must not see: set --fold=N')
         else:
@@ -154,6 +184,13 @@ def quantize_one(path, k, out_path):
                                     for i in range(0, len(cells), batch_size)))
         report['calibration_cells'] = len(cells)
     quantize(model, scheme)
+    if novelty and split is not None:
+        meta['novelty'] = refit_novelty(model.eval(), data, split, novelty)
+        report['novelty'] = 'refitted on the quantized model'
+    elif novelty:
+        meta['novelty'] = novelty
+        report['novelty'] = "the float model's (no dataset or test fold to refit on)"
+        print(f"note: {path}'s novelty thresholds are kept from the float model; set --dataset and --fold to refit them")
     n_quantized = sum(m.weight_int8.numel() for m in model.quantized_linears())
     fp32_bytes, stored_bytes = linear_bytes(model)
     report.update(params=model.num_params(), params_quantized=n_quantized, params_float=model.num_params() - n_quantized,
@@ -201,7 +238,7 @@ for path, k, out_path in jobs:
             f"{r['params_float'] / 1e6:.2f}M kept in float; quantized matrices {r['linear_bytes_fp32'] / 1e6:.2f} MB fp32 "
             f"-> {r['linear_bytes'] / 1e6:.3f} MB ({r['linear_ratio']:.1f}x smaller); file "
             f"{r['file_bytes_float'] / 1e6:.2f} -> {r['file_bytes'] / 1e6:.2f} MB")
-    print(line)
+    print(line + (f"; novelty scores {r['novelty']}" if 'novelty' in r else ''))
     if 'quantized' in r:
         f, q = r['float'], r['quantized']
         print(f"  test fold {r['fold']}: float accuracy {f['accuracy']:.3f} macro-F1 {f['macro_f1']:.3f}  |  {scheme} accuracy "

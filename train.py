@@ -954,7 +954,8 @@ def train_fold(k, fold_dir, novel_idx=None):
         stats = fit_novelty(fit_features, data.labels[fit_idx], len(data.label_names), seed=seed)
         val_scores = novelty_scores(*cell_outputs(best_model, val_idx), stats)
         thresholds = {name: float(np.quantile(s, novelty_quantile)) for name, s in val_scores.items()}
-        best_ckpt['novelty'] = dict(stats, default=novelty_score, quantile=novelty_quantile, thresholds=thresholds)
+        best_ckpt['novelty'] = dict(stats, default=novelty_score, quantile=novelty_quantile, thresholds=thresholds,
+                                    n_fit=len(fit_idx))
         save(os.path.join(fold_dir, 'best.pt'), best_ckpt)
         if novel_idx is not None:
             logits, features = cell_outputs(best_model, test_idx)

@@ -220,9 +220,16 @@ def test_quantize_py_int8_on_real_cells(baron, teacher, tmp_path):
     with torch.no_grad():
         a, b = float_model(x)[0], int8_model(x)[0]
     assert rel_err(b, a) < 0.05 and (a.argmax(1) == b.argmax(1)).float().mean() >= 0.9
-    run('predict.py', f'--ckpt={out}', f'--input={ROOT.parent / "shared/data/fixtures/counts_csr.h5ad"}',
-        f'--output={tmp_path / "p.csv"}')
+    # the novelty rule is fitted again on the int8 model: close to the float model's, not the same numbers
+    assert report['novelty'] == 'refitted on the quantized model'
+    fp, q = state(teacher)['novelty'], ckpt['novelty']
+    assert q['default'] == fp['default'] and q['bank'].shape == fp['bank'].shape
+    assert not torch.equal(q['class_means'], fp['class_means'])
+    assert torch.allclose(q['class_means'], fp['class_means'], rtol=0.1, atol=0.05 * fp['class_means'].abs().max())
+    result = run('predict.py', f'--ckpt={out}', f'--input={ROOT.parent / "shared/data/fixtures/counts_csr.h5ad"}',
+                 f'--output={tmp_path / "p.csv"}')
     assert len((tmp_path / 'p.csv').read_text().splitlines()) == 79
+    assert f"{fp['default']} score >" in result.stdout
 
 
 def test_quantize_py_post_training_ternary(baron, teacher, tmp_path):

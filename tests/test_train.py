@@ -204,6 +204,9 @@ def test_leave_one_type_out_novelty_and_gene_importance_end_to_end(baron, tmp_pa
         assert (tmp_path / 'genes' / f'{cell_type}.png').stat().st_size > 1000
     n_cells = {r['cell_type']: int(r['n_cells']) for r in top}
     assert n_cells == {t: sum(r[1] == t for r in rows) for t in predicted}
+    per_cell = list(csv.DictReader(open(tmp_path / 'genes' / 'cell_top_genes.csv')))
+    assert [r['predicted_label'] for r in per_cell] == [r[1] for r in rows]
+    assert all(len(r['attention'].split(';')) == 10 and set(r['attention'].split(';')) <= set(ds.vocab) for r in per_cell)
     # another calibrated score, and scBERT's threshold without its rule: a one-line error
     run('predict.py', f'--ckpt={run_dir / "best.pt"}', f'--input={source}', f'--output={tmp_path / "e.csv"}',
         '--novelty=entropy')
