@@ -298,8 +298,7 @@ def plot_top_genes(ranked, path, title='', n=20):
         rows = rows[:n][::-1]                                    # the best at the top
         ax.barh(range(len(rows)), [v for _, v in rows], color='C0' if method == 'attention' else 'C1')
         ax.set_yticks(range(len(rows)), [g for g, _ in rows], fontsize=7)
-        ax.set_xlabel({'attention': 'attention received (share per cell)',
-                       'gradient_x_input': 'gradient × input (logit)'}.get(method, method))
+        ax.set_xlabel('attention received (share per cell)' if method == 'attention' else 'attribution (logit)')
         ax.set_title(method.replace('_', ' '), fontsize=9)
     fig.suptitle(title, fontsize=10)
     with atomic_write(path) as tmp:

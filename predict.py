@@ -17,8 +17,8 @@ with novelty=scbert, scBERT's rule: its top probability is below unassigned_thre
 scores (the original's, quantized files, older runs) use scBERT's rule.
 
 Gene importance (importance=<folder>): for every predicted type, the genes that receive the most attention (scBERT's
-attention sum: ScBERT.attention_received) and the genes with the largest gradient × input towards the type
-(ScBERT.gradient_x_input), averaged over the type's cells: top_genes.csv and a plot per type; and each cell's own top
+attention sum: ScBERT.attention_received) and the genes with the largest integrated gradients towards the type
+(ScBERT.integrated_gradients; importance_steps=1 gives gradient × input), averaged over the type's cells: top_genes.csv and a plot per type; and each cell's own top
 genes by both: cell_top_genes.csv.
 """
 import os
@@ -47,6 +47,8 @@ unassigned_threshold = 0.5     # novelty=scbert: 'Unassigned' when the top proba
 importance = ''                # a folder: write each predicted type's top genes (top_genes.csv, <type>.png) ('' = no)
 importance_top = 50            # genes per type and method in top_genes.csv (0 = every gene)
 importance_cell_top = 10       # genes per cell and method in cell_top_genes.csv (0 = no per-cell file)
+importance_steps = 16          # integrated gradients' steps (1 = gradient × input: steps times cheaper, misses
+                               # saturated genes such as hormone genes at the top bin; see the README)
 batch_size = 32                # cells per forward pass
 layer = 'auto'                 # matrix to read: auto | X | raw | <layer name> (as prepare_data.py)
 gene_key = ''                  # var column holding gene symbols ('' = the var index)
@@ -63,6 +65,8 @@ if not input:
     raise UserError('no input: set --input=<file.h5ad>')
 if novelty not in ('auto', 'scbert', 'off', *NOVELTY_SCORES):
     raise UserError(f"novelty must be auto, scbert, off or one of {', '.join(NOVELTY_SCORES)}, not '{novelty}'")
+if importance_steps < 1:
+    raise UserError(f'importance_steps must be at least 1 (1 = gradient × input), not {importance_steps}')
 if importance_top < 0 or importance_cell_top < 0:
     raise UserError(f'importance_top and importance_cell_top must be >= 0, not {importance_top} and {importance_cell_top}')
 if importance and os.path.exists(importance) and not os.path.isdir(importance):
@@ -136,7 +140,8 @@ if importance and getattr(model, 'quantization', None):
                     f'with the float checkpoint it was made from')
 if importance:
     os.makedirs(importance, exist_ok=True)
-    sums = {m: torch.zeros(len(classes), len(genes), dtype=torch.float64) for m in ('attention', 'gradient_x_input')}
+    attribution_name = 'gradient_x_input' if importance_steps == 1 else 'integrated_gradients'
+    sums = {m: torch.zeros(len(classes), len(genes), dtype=torch.float64) for m in ('attention', attribution_name)}
     n_per_type = torch.zeros(len(classes), dtype=torch.long)
     cell_top = {m: [] for m in sums}                    # per cell: its importance_cell_top genes, best first
 
@@ -177,7 +182,7 @@ with torch.no_grad():
             if importance:      # per token -> per gene, summed over the cells of each predicted type (Unassigned left out)
                 with autocast:
                     attention = model.attention_received(x).float()       # (B, L), each cell's sums to 1
-                    gradient, _ = model.gradient_x_input(x)               # (B, L), towards the predicted class
+                    gradient, _ = model.integrated_gradients(x, steps=importance_steps)   # (B, L), predicted class
                 top_class = logits.argmax(-1).cpu()
                 kept = torch.from_numpy(score <= threshold)
                 if expressed:   # token 1 + t is gene x['genes'][:, t] (-1 = padding); CLS left out
@@ -185,7 +190,7 @@ with torch.no_grad():
                 else:           # panel position i is gene i; the appended last token is not a gene
                     gene_index = torch.arange(len(genes)).expand(len(top_class), -1)
                     attention, gradient = attention[:, :len(genes)], gradient[:, :len(genes)]
-                for name, values in (('attention', attention), ('gradient_x_input', gradient)):
+                for name, values in (('attention', attention), (attribution_name, gradient)):
                     per_cell = torch.zeros(len(top_class), len(genes) + 1, dtype=torch.float64)   # + a slot for padding
                     per_cell.scatter_add_(1, torch.where(gene_index >= 0, gene_index, len(genes)),
                                           values.detach().double().cpu())
@@ -275,8 +280,8 @@ if importance:          # each type's mean over its cells, ranked; scores are pe
                            title=f'{classes[c]} ({int(n_per_type[c])} cells)')
     if importance_cell_top:
         with atomic_write(os.path.join(importance, 'cell_top_genes.csv')) as tmp, open(tmp, 'w') as f:
-            f.write('cell_id,predicted_label,attention,gradient_x_input\n')
-            for row in zip(cells.cell_ids, predicted, cell_top['attention'], cell_top['gradient_x_input']):
+            f.write(f'cell_id,predicted_label,attention,{attribution_name}\n')
+            for row in zip(cells.cell_ids, predicted, cell_top['attention'], cell_top[attribution_name]):
                 f.write(','.join(csv_field(v) for v in row) + '\n')
 
 n_unassigned, n_fail = int((predicted == 'Unassigned').sum()), int((~qc_pass).sum())

@@ -142,7 +142,7 @@ def test_gradient_x_input_shapes_and_zeros():
     for model, x in ((small(), expressed_cells()),
                      (small(attention='performer', input_genes='all', value_emb='bins', head='scbert', nb_features=16),
                       panel_cells())):
-        attribution, logits = model.gradient_x_input(x)
+        attribution, logits = model.integrated_gradients(x)
         L = x['genes'].shape[1] + 1 if isinstance(x, dict) else x.shape[1]
         assert attribution.shape == (3, L) and logits.shape == (3, 3) and not attribution.requires_grad
         if isinstance(x, dict):                     # CLS and padding: no expression, no attribution
@@ -151,7 +151,7 @@ def test_gradient_x_input_shapes_and_zeros():
             assert (attribution[x == 0] == 0).all()
         assert (attribution != 0).sum() > 5
         # the default target is the predicted class; another target gives other numbers
-        other, _ = model.gradient_x_input(x, target=(logits.argmax(-1) + 1) % 3)
+        other, _ = model.integrated_gradients(x, target=(logits.argmax(-1) + 1) % 3)
         assert not torch.allclose(other, attribution)
 
 
@@ -169,7 +169,7 @@ def test_gradient_x_input_sign_silencing_a_gene_moves_the_logit_by_its_attributi
     model = model.double()
     with torch.no_grad():
         model.token_emb.weight.mul_(1e-3)           # the expression part of each token: small
-    attribution, logits = model.gradient_x_input(x)
+    attribution, logits = model.integrated_gradients(x)
     target = logits.argmax(-1)
     scale = attribution.abs().max()
     checked = 0
@@ -188,3 +188,25 @@ def test_gradient_x_input_sign_silencing_a_gene_moves_the_logit_by_its_attributi
             assert abs(drop - attribution[b, t]) < 0.05 * scale
             checked += 1
     assert checked >= 5 and (attribution > 0.1 * scale).any() and (attribution < -0.1 * scale).any()
+
+
+@pytest.mark.parametrize('panel', [False, True])
+def test_integrated_gradients_add_up_to_the_logit_change(panel):
+    """Completeness (Sundararajan et al. 2017): with enough steps the attributions of a cell add up to its target
+    logit minus the silent cell's (every value 0); gradient × input (steps=1) does not, and is the first step's term."""
+    if panel:
+        model = small(attention='performer', input_genes='all', value_emb='bins', head='scbert', nb_features=16)
+        x, silent = panel_cells(), torch.zeros_like(panel_cells())
+    else:
+        model, x = small(), expressed_cells()                 # continuous values: xTrimoGene's embedding
+        x['values'] = x['values'].double()
+        silent = dict(x, values=torch.zeros_like(x['values']), bins=torch.zeros_like(x['bins']))
+    model = model.double()
+    attribution, logits = model.integrated_gradients(x, steps=256)
+    target = logits.argmax(-1)
+    with torch.no_grad():
+        change = logits.gather(1, target[:, None])[:, 0] - model(silent)[0].gather(1, target[:, None])[:, 0]
+    torch.testing.assert_close(attribution.sum(-1), change, rtol=0.02, atol=0.02 * change.abs().max().item())
+    first_order, same_logits = model.integrated_gradients(x, steps=1)
+    assert torch.equal(same_logits, logits)
+    assert (first_order.sum(-1) - change).abs().max() > 2 * (attribution.sum(-1) - change).abs().max()

@@ -187,7 +187,7 @@ def test_leave_one_type_out_novelty_and_gene_importance_end_to_end(baron, tmp_pa
     # predict.py: the checkpoint's calibrated rule by default, and gene importance per predicted type
     source = FIXTURES / 'counts_csr.h5ad'
     result = run('predict.py', f'--ckpt={run_dir / "best.pt"}', f'--input={source}', f'--output={tmp_path / "p.csv"}',
-                 f'--importance={tmp_path / "genes"}', '--importance_top=5')
+                 f'--importance={tmp_path / "genes"}', '--importance_top=5', '--importance_steps=4')
     rows = list(csv.reader(open(tmp_path / 'p.csv')))[1:]
     threshold = novelty['thresholds']['knn']
     assert [r[1] == 'Unassigned' for r in rows] == [float(r[5]) > threshold * (1 + 1e-6) for r in rows]
@@ -196,7 +196,7 @@ def test_leave_one_type_out_novelty_and_gene_importance_end_to_end(baron, tmp_pa
     predicted = {r[1] for r in rows} - {'Unassigned'}
     assert {r['cell_type'] for r in top} == predicted
     for cell_type in predicted:
-        for method in ('attention', 'gradient_x_input'):
+        for method in ('attention', 'integrated_gradients'):
             ranked = [r for r in top if r['cell_type'] == cell_type and r['method'] == method]
             assert [int(r['rank']) for r in ranked] == [1, 2, 3, 4, 5]
             scores = [float(r['score']) for r in ranked]
@@ -207,6 +207,7 @@ def test_leave_one_type_out_novelty_and_gene_importance_end_to_end(baron, tmp_pa
     per_cell = list(csv.DictReader(open(tmp_path / 'genes' / 'cell_top_genes.csv')))
     assert [r['predicted_label'] for r in per_cell] == [r[1] for r in rows]
     assert all(len(r['attention'].split(';')) == 10 and set(r['attention'].split(';')) <= set(ds.vocab) for r in per_cell)
+    assert all(len(r['integrated_gradients'].split(';')) == 10 for r in per_cell)
     # another calibrated score, and scBERT's threshold without its rule: a one-line error
     run('predict.py', f'--ckpt={run_dir / "best.pt"}', f'--input={source}', f'--output={tmp_path / "e.csv"}',
         '--novelty=entropy')
