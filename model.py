@@ -316,12 +316,13 @@ class Attention(nn.Module):
         bias = (c2p + p2c) / math.sqrt(3 * d)
         return bias if attn_mask is None else bias.masked_fill(~attn_mask, float('-inf'))   # padding keys: -inf
 
-    def received(self, x, attn_mask=None, rel=None, valid=None, chunk=256):
+    def received(self, x, attn_mask=None, rel=None, valid=None, chunk=0):
         """The attention each token receives in this layer: the column means of the (L, L) attention matrix A over the
-        real query tokens, averaged over the heads. x (B, L, n_embd) is the layer's (normed) input -> (B, L).
+        real query tokens, averaged over the heads. x (B, L, n_embd) is the layer's (normed) input -> (B, L), fp32.
         No (L, L) matrix is ever held. FAVOR+ by the linear-attention identity: A[i, j] = φ(q_i)·φ(k_j) / D_i with
         D_i = φ(q_i)·Σ_j φ(k_j), so Σ_i A[i, j] = φ(k_j) · Σ_i φ(q_i) / D_i, O(L m) per head. Softmax attention (SDPA,
-        DeBERTa's bias included): `chunk` query rows at a time, O(chunk × L) memory."""
+        DeBERTa's bias included): `chunk` query rows at a time, (B, H, chunk, L) scores; 0 = as many rows as keep
+        that at 2^22 numbers."""
         B, L, _ = x.shape
         q = self.to_q(x).view(B, L, self.n_head, -1).transpose(1, 2)                         # (B, H, L, d)
         k = repeat_kv(self.to_k(x).view(B, L, self.n_kv_head, -1).transpose(1, 2), self.n_head // self.n_kv_head)
@@ -330,8 +331,9 @@ class Attention(nn.Module):
             k = softmax_kernel(k, self.projection_matrix, is_query=False, batch_max=self.config.favor_batch_max)
             d_inv = 1 / (q @ k.sum(-2, keepdim=True).transpose(-2, -1))                         # (B, H, L, 1): 1 / D_i
             return (k @ (q * d_inv).mean(-2, keepdim=True).transpose(-2, -1)).squeeze(-1).mean(1)
-        total = q.new_zeros(B, self.n_head, L)
+        total = q.new_zeros(B, self.n_head, L, dtype=torch.float32)     # fp32 under autocast too: a sum of many
         scale = 1 / math.sqrt((3 if rel is not None else 1) * q.shape[-1])
+        chunk = chunk or max(1, 2 ** 22 // (B * self.n_head * L))
         for s in range(0, L, chunk):
             rows = slice(s, s + chunk)
             scores = q[:, :, rows] @ k.transpose(-2, -1) * scale                               # (B, H, chunk, L)
@@ -745,7 +747,7 @@ class ScBERT(nn.Module):
     # which genes matter for a cell (predict.py --importance)
 
     @torch.no_grad()
-    def attention_received(self, x, chunk=256, as_released=False):
+    def attention_received(self, x, chunk=0, as_released=False):
         """scBERT's attention sum (attn_sum_save.py): the attention each token receives, averaged over the query tokens,
         the heads and the layers, then normalized to sum to 1 per cell. x: an encoder input -> (B, L), 0 at padding.
         The original builds the full (L, L) matrix per head in fp16 (over 11 GB at 16,907 genes); Attention.received

@@ -14,7 +14,7 @@ than min_genes expressed genes are flagged (column scbert_qc_pass of output_h5ad
 Novel types: a cell is called 'Unassigned' when its novelty score is above the threshold train.py calibrated on the
 validation cells (novelty=auto: the checkpoint's default score, chosen by leave-one-type-out runs; see the README), or,
 with novelty=scbert, scBERT's rule: its top probability is below unassigned_threshold. Checkpoints without calibrated
-scores (the original's, quantized files, older runs) use scBERT's rule.
+scores (the original's, older runs) use scBERT's rule; quantize.py refits them for the quantized model.
 
 Gene importance (importance=<folder>): for every predicted type, the genes that receive the most attention (scBERT's
 attention sum: ScBERT.attention_received) and the genes with the largest integrated gradients towards the type
@@ -65,6 +65,9 @@ if not input:
     raise UserError('no input: set --input=<file.h5ad>')
 if novelty not in ('auto', 'scbert', 'off', *NOVELTY_SCORES):
     raise UserError(f"novelty must be auto, scbert, off or one of {', '.join(NOVELTY_SCORES)}, not '{novelty}'")
+if not importance and (importance_top, importance_cell_top, importance_steps) != (50, 10, 16):
+    raise UserError('importance_top, importance_cell_top and importance_steps shape the --importance output: add '
+                    '--importance=<folder>')
 if importance_steps < 1:
     raise UserError(f'importance_steps must be at least 1 (1 = gradient × input), not {importance_steps}')
 if importance_top < 0 or importance_cell_top < 0:
@@ -124,8 +127,8 @@ n_bins = model.config.n_bins
 stats = checkpoint.get('novelty') if isinstance(checkpoint, dict) else None
 rule = (stats['default'] if stats else 'scbert') if novelty == 'auto' else novelty
 if rule in NOVELTY_SCORES and not stats:
-    raise UserError(f'{ckpt} has no calibrated novelty scores (made before they existed, quantized, or an original '
-                    f'checkpoint): use --novelty=scbert, or fine-tune it again with train.py')
+    raise UserError(f'{ckpt} has no calibrated novelty scores (made before they existed, or an original checkpoint): '
+                    f'use --novelty=scbert, or fine-tune it again with train.py')
 if rule != 'scbert' and unassigned_threshold != 0.5:
     raise UserError(f"unassigned_threshold is scBERT's rule's; this run uses the rule '{rule}': add --novelty=scbert "
                     f"(or --novelty=off for no Unassigned calls)")
@@ -174,7 +177,9 @@ with torch.no_grad():
                 features = model.cls_head.features(h, x)                   # (B, head_hidden)
                 logits = model.cls_head.fc3(features)
             probs.append(logits.float().softmax(-1).cpu().numpy())
-            score = novelty_scores(logits.float(), features.float(), stats)[score_name]
+            # the embedding scores (a search through up to 10,000 training cells) only when the rule reads them
+            score = novelty_scores(logits.float(), features.float(),
+                                   stats if score_name in ('mahalanobis', 'knn') else None)[score_name]
             scores.append(score)
             if embeddings:
                 how = 'cls' if model.config.head == 'cls' else 'pooled'
@@ -195,9 +200,11 @@ with torch.no_grad():
                     per_cell.scatter_add_(1, torch.where(gene_index >= 0, gene_index, len(genes)),
                                           values.detach().double().cpu())
                     sums[name].index_add_(0, top_class[kept], per_cell[kept, :len(genes)])
-                    if importance_cell_top:         # the cell's own ranking (genes it does not show score 0)
-                        best = per_cell[:, :len(genes)].topk(min(importance_cell_top, len(genes)), dim=1).indices
-                        cell_top[name] += [';'.join(genes[g] for g in row) for row in best.tolist()]
+                    if importance_cell_top:         # the cell's own ranking; genes that score exactly 0 (not in
+                        ranked = per_cell[:, :len(genes)]                     # the cell) are left out
+                        best = ranked.topk(min(importance_cell_top, len(genes)), dim=1)
+                        cell_top[name] += [';'.join(genes[g] for g, v in zip(i, val) if v != 0)
+                                           for i, val in zip(best.indices.tolist(), best.values.tolist())]
                 n_per_type += torch.bincount(top_class[kept], minlength=len(classes))
 elapsed = time.time() - t0
 prob, qc_pass, score = np.concatenate(probs), np.concatenate(qc_pass), np.concatenate(scores)
@@ -265,7 +272,8 @@ if output_h5ad:
                               'scbert_second': names[second].astype(object), 'scbert_second_probability': second_p.astype(np.float32),
                               'scbert_novelty_score': score.astype(np.float32), 'scbert_qc_pass': qc_pass.astype(bool)})
 
-if importance:          # each type's mean over its cells, ranked; scores are per cell (attention: a share of 1)
+if importance:          # each type's mean over its cells, ranked (attention: a cell's shares, CLS / the appended token
+                        # left out, so a little under 1 in all)
     with atomic_write(os.path.join(importance, 'top_genes.csv')) as tmp, open(tmp, 'w') as f:
         f.write('cell_type,n_cells,method,rank,gene,score\n')
         for c in np.flatnonzero(n_per_type.numpy()):

@@ -100,12 +100,14 @@ def predict(model, data, idx):
 
 def refit_novelty(model, data, split, novelty):
     """The novelty statistics and thresholds of the quantized model, fitted as train.py fits the float model's: on
-    the same number of training cells (a random sample), thresholds at the same quantile of the validation cells."""
+    the same training cells (the same seed), thresholds at the same quantile of the validation cells."""
     train_idx, val_idx = split[0], split[1]
-    n_fit = min(len(train_idx), int(novelty['n_fit']) if 'n_fit' in novelty else len(train_idx))
-    fit_idx = np.sort(np.random.default_rng(0).choice(train_idx, n_fit, replace=False))
+    seed = int(novelty.get('seed', 0))
+    n_fit = int(novelty.get('n_fit', len(train_idx)))
+    fit_idx = train_idx if len(train_idx) <= n_fit else \
+        np.sort(np.random.default_rng(seed).choice(train_idx, n_fit, replace=False))
     stats = fit_novelty(outputs(model, data, fit_idx)[1], data.labels[fit_idx], model.config.n_classes,
-                        k=novelty['k'], max_bank=len(novelty['bank']))
+                        k=novelty['k'], max_bank=len(novelty['bank']), seed=seed)
     val_scores = novelty_scores(*outputs(model, data, val_idx), stats)
     thresholds = {name: float(np.quantile(v, novelty['quantile'])) for name, v in val_scores.items()}
     return dict(novelty, **stats, thresholds=thresholds)
@@ -153,6 +155,8 @@ def quantize_one(path, k, out_path):
     data = split = None
     needs_calibration = scheme == 'ternary' and not qat
     novelty = checkpoint.get('novelty') if ours else None
+    if novelty and not needs_calibration and not evaluate and not os.path.isfile(os.path.join(data_path, 'meta.json')):
+        novelty = None                                         # only the refit wanted the data: keep the float model's
     if (needs_calibration or novelty or (evaluate and model.cls_head is not None)) and not data_path:
         if needs_calibration:
             raise UserError(f'{path} does not say which dataset it trained on: set --dataset=<prepared dataset>')
@@ -161,13 +165,15 @@ def quantize_one(path, k, out_path):
         data = Dataset(data_path)
         if data.vocab != list(meta.get('vocab', data.vocab)):
             raise UserError(f'{data_path} has other genes than {path}; give the dataset it was trained on (--dataset)')
-        held_out = sorted(set(data.label_names) - set(meta.get('label_names') or data.label_names))
-        if len(held_out) == 1:                                 # a train.py --holdout run: its labels, without the type
-            data.labels, data.label_names, _ = leave_out_type(data.labels, data.label_names, held_out[0])
+        held_out = checkpoint.get('holdout', '') if ours else ''
+        if held_out and held_out not in data.label_names:
+            raise UserError(f"{path} left out '{held_out}', which {data_path} does not have; give its dataset (--dataset)")
+        if held_out:                                           # a train.py --holdout run: its labels, without the type
+            data.labels, data.label_names, _ = leave_out_type(data.labels, data.label_names, held_out)
         if model.cls_head is not None and list(meta.get('label_names') or data.label_names) != data.label_names:
             raise UserError(f'{data_path} has other cell types than {path}; give the dataset it was trained on (--dataset)')
         if k is not None:
-            split = fold_split(data, int(k), meta.get('test_batch', ''), labelled_only=len(held_out) == 1)
+            split = fold_split(data, int(k), meta.get('test_batch', ''), labelled_only=bool(held_out))
         elif needs_calibration:
             raise UserError(f'{path} does not record its test fold, whose cells calibration must not see: set --fold=N')
         else:
@@ -187,10 +193,10 @@ def quantize_one(path, k, out_path):
     if novelty and split is not None:
         meta['novelty'] = refit_novelty(model.eval(), data, split, novelty)
         report['novelty'] = 'refitted on the quantized model'
-    elif novelty:
-        meta['novelty'] = novelty
-        report['novelty'] = "the float model's (no dataset or test fold to refit on)"
-        print(f"note: {path}'s novelty thresholds are kept from the float model; set --dataset and --fold to refit them")
+    elif ours and checkpoint.get('novelty'):
+        meta['novelty'] = checkpoint['novelty']
+        report['novelty'] = "kept from the float model (no dataset or test fold here to refit them on)"
+        print(f"note: {path}'s novelty thresholds are kept from the float model; give --dataset (and --fold) to refit them")
     n_quantized = sum(m.weight_int8.numel() for m in model.quantized_linears())
     fp32_bytes, stored_bytes = linear_bytes(model)
     report.update(params=model.num_params(), params_quantized=n_quantized, params_float=model.num_params() - n_quantized,

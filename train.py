@@ -182,6 +182,8 @@ if not 0 < novelty_quantile < 1:
     raise UserError(f'novelty_quantile must be between 0 and 1 (e.g. 0.95), not {novelty_quantile}')
 if holdout and mode != 'finetune':
     raise UserError('holdout leaves a cell type out of fine-tuning: set --mode=finetune (or --holdout=)')
+if holdout != 'all' and holdout_min_cells != 30:
+    raise UserError("holdout_min_cells picks the types of --holdout=all; it does nothing here")
 for name in ('max_iters', 'eval_interval', 'log_interval', 'batch_size', 'grad_accum', 'calibration_cells',
              'novelty_cells', 'holdout_min_cells'):
     if globals()[name] < 1:
@@ -296,8 +298,8 @@ def make_model(k, fold_dir, train_idx, teacher_model=None):
                       embd_factor=embd_factor, share_layers=share_layers, genomic_pe=genomic_pe,
                       disentangled=disentangled, n_pos_buckets=n_pos_buckets, pathway_enc=pathway_enc)
     path = os.path.join(fold_dir, 'ckpt.pt') if init_from == 'resume' else init_from.replace('{fold}', str(k))
-    if init_from == 'resume' and fold == 'all' and not os.path.exists(path):
-        log(f'{path} not found: this fold starts from scratch')
+    if init_from == 'resume' and (fold == 'all' or holdout == 'all') and not os.path.exists(path):
+        log(f'{path} not found: this run starts from scratch')
     elif init_from != 'scratch':
         model, ckpt = load_model(path, model_args, k)
         if bitlinear and not model.config.bitlinear:               # quantization-aware training from a float model
@@ -950,12 +952,12 @@ def train_fold(k, fold_dir, novel_idx=None):
         # validation cells (known types only: a quantile of their scores), stored in best.pt for predict.py
         fit_idx = train_idx if len(train_idx) <= novelty_cells else \
             np.sort(np.random.default_rng(seed).choice(train_idx, novelty_cells, replace=False))
-        fit_logits, fit_features = cell_outputs(best_model, fit_idx)
-        stats = fit_novelty(fit_features, data.labels[fit_idx], len(data.label_names), seed=seed)
+        stats = fit_novelty(cell_outputs(best_model, fit_idx)[1], data.labels[fit_idx], len(data.label_names), seed=seed)
         val_scores = novelty_scores(*cell_outputs(best_model, val_idx), stats)
         thresholds = {name: float(np.quantile(s, novelty_quantile)) for name, s in val_scores.items()}
         best_ckpt['novelty'] = dict(stats, default=novelty_score, quantile=novelty_quantile, thresholds=thresholds,
-                                    n_fit=len(fit_idx))
+                                    n_fit=len(fit_idx), seed=seed)
+        best_ckpt['holdout'] = held_out
         save(os.path.join(fold_dir, 'best.pt'), best_ckpt)
         if novel_idx is not None:
             logits, features = cell_outputs(best_model, test_idx)
@@ -1010,6 +1012,12 @@ for held_out, k in runs:
     novel_idx = None
     if held_out:                                # the held-out type's cells get label -1; the others close the gap
         data.labels, data.label_names, novel_idx = leave_out_type(all_labels, all_names, held_out)
+        batches = data.meta.get('batch_names') or []
+        if test_batch in batches:               # novel cells from the test batch only, as the known ones are
+            novel_idx = novel_idx[data.batch[novel_idx] == batches.index(test_batch)]
+            if not len(novel_idx):
+                raise UserError(f"test_batch '{test_batch}' has no '{held_out}' cells to test as novel; hold out another "
+                                f"type or test on another batch")
     results.append(train_fold(k, os.path.join(run_dir, f'fold{k}') if fold == 'all' else run_dir, novel_idx))
 
 if master and holdout and all(results):         # one row per held-out type, the mean over its folds

@@ -51,7 +51,7 @@ def test_finetune_expressed_moe_writes_outputs_and_predicts(baron, tmp_path):
     # the fine-tuned expressed model annotates an .h5ad: every cell, a known label, a probability
     source = FIXTURES / 'counts_csr.h5ad'
     run('predict.py', f'--ckpt={out / "best.pt"}', f'--input={source}', f'--output={tmp_path / "p.csv"}',
-        f'--embeddings={tmp_path / "e.npy"}', '--unassigned_threshold=0')
+        f'--embeddings={tmp_path / "e.npy"}', '--novelty=off')
     rows = list(csv.reader(open(tmp_path / 'p.csv')))[1:]
     assert len(rows) == 78 and all(r[1] in best['label_names'] and 0 <= float(r[2]) <= 1 for r in rows)
     assert np.load(tmp_path / 'e.npy').shape == (78, 16)

@@ -163,7 +163,7 @@ def test_leave_one_type_out_novelty_and_gene_importance_end_to_end(baron, tmp_pa
     import data
     out = tmp_path / 'out'
     run('train.py', f'--dataset={baron}', f'--out_dir={out}', *TINY, '--max_iters=20', '--eval_interval=10',
-        '--baseline=False', '--learning_rate=3e-3', '--holdout=beta', '--holdout_min_cells=6')
+        '--baseline=False', '--learning_rate=3e-3', '--holdout=beta')
     ds = data.Dataset(baron)
     beta = ds.label_names.index('beta')
     run_dir = out / 'holdout_beta'
@@ -179,6 +179,7 @@ def test_leave_one_type_out_novelty_and_gene_importance_end_to_end(baron, tmp_pa
     assert list(summary['types']) == ['beta'] and (out / 'novelty.md').read_text().count('| beta |') == 1
     best = state(run_dir / 'best.pt')
     assert 'beta' not in best['label_names'] and len(best['label_names']) == 12 and best['model_args']['n_classes'] == 12
+    assert best['holdout'] == 'beta'
     novelty = best['novelty']
     assert novelty['default'] == 'knn' and novelty['quantile'] == 0.95 and set(novelty['thresholds']) == {
         'maxprob', 'entropy', 'energy', 'mahalanobis', 'knn'}
@@ -222,6 +223,21 @@ def test_leave_one_type_out_novelty_and_gene_importance_end_to_end(baron, tmp_pa
                'holdout_min_cells')
     user_error(run('train.py', f'--dataset={baron}', f'--out_dir={tmp_path / "o4"}', '--holdout=beta',
                    f'--init_from={run_dir / "best.pt"}', check=False), 'fine-tuned')
+    user_error(run('train.py', f'--dataset={baron}', f'--out_dir={tmp_path / "o5"}', '--holdout=beta',
+                   '--holdout_min_cells=5', check=False), 'holdout=all')
+    user_error(run('predict.py', f'--ckpt={run_dir / "best.pt"}', f'--input={source}', '--importance_steps=4',
+                   check=False), '--importance=')
+    # int8: the novelty scores are fitted again, on the held-out run's own labels
+    result = run('quantize.py', f'--ckpt={run_dir / "best.pt"}', f'--out={tmp_path / "q.pt"}', '--num_threads=1')
+    assert 'novelty scores refitted on the quantized model' in result.stdout
+    assert state(tmp_path / 'q.pt')['novelty']['class_means'].shape == (12, 16)
+    # a held-out donor: the novel cells come from that donor only, as the known test cells do
+    run('train.py', f'--dataset={baron}', f'--out_dir={tmp_path / "donor"}', *TINY, '--max_iters=2', '--eval_interval=1',
+        '--baseline=False', '--holdout=beta', '--test_batch=mouse2')
+    donor = json.load(open(tmp_path / 'donor' / 'holdout_beta' / 'metrics.json'))
+    mouse2 = ds.meta['batch_names'].index('mouse2')
+    assert donor['n_novel'] == int(((ds.labels == beta) & (ds.batch == mouse2)).sum()) < 6
+    assert donor['n_test'] == int(((ds.labels != beta) & (ds.batch == mouse2)).sum())
 
 
 def test_original_scbert_checkpoint_predicts_and_finetunes(tmp_path):
