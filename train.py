@@ -962,15 +962,19 @@ def train_fold(k, fold_dir, novel_idx=None):
         if novel_idx is not None:
             logits, features = cell_outputs(best_model, test_idx)
             known = novelty_scores(logits, features, stats)
-            novel = novelty_scores(*cell_outputs(best_model, novel_idx), stats)
+            novel_logits, novel_features = cell_outputs(best_model, novel_idx)
+            novel = novelty_scores(novel_logits, novel_features, stats)
             correct = logits.argmax(1).numpy() == data.labels[test_idx]
+            called = np.bincount(novel_logits.argmax(1).numpy(), minlength=len(data.label_names))   # the novel cells'
+            result['novel_called_as'] = {t: int(n) for t, n in zip(data.label_names, called) if n}  # classes
             report = novelty_report(known, correct, novel, thresholds)
             # scBERT's rule, a fixed threshold: Unassigned when the top probability is below 0.5
             report['scbert_rule'] = novelty_report({'maxprob': known['maxprob']}, correct, {'maxprob': novel['maxprob']},
                                                    {'maxprob': 0.5})['maxprob']
             result.update(holdout=held_out, n_novel=len(novel_idx), novelty=report)
             log(f"fold {k} novel '{held_out}' ({len(novel_idx)} cells) vs {len(test_idx)} known test cells; "
-                f"thresholds: the {novelty_quantile:.0%} quantile of the validation cells' scores")
+                f"thresholds: the {novelty_quantile:.0%} quantile of the validation cells' scores; the classifier calls "
+                f"the novel cells " + ', '.join(f'{t} ({n})' for t, n in result['novel_called_as'].items()))
             for name, r in report.items():
                 log(f'fold {k} novelty {novelty_line(name, r)}')
     else:

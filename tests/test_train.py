@@ -175,6 +175,7 @@ def test_leave_one_type_out_novelty_and_gene_importance_end_to_end(baron, tmp_pa
     for r in metrics['novelty'].values():
         assert 0 <= r['auroc'] <= 1 and 0 <= r['known_acc'] <= 1 and 0 <= r['novel_acc'] <= 1
     assert metrics['novelty']['scbert_rule']['threshold'] == 0.5
+    assert sum(metrics['novel_called_as'].values()) == 6 and set(metrics['novel_called_as']) <= set(ds.label_names) - {'beta'}
     summary = json.load(open(out / 'novelty.json'))
     assert list(summary['types']) == ['beta'] and (out / 'novelty.md').read_text().count('| beta |') == 1
     best = state(run_dir / 'best.pt')
