@@ -31,7 +31,8 @@ import numpy as np
 import torch
 
 from data import UserError, atomic_write, cell_seeds, expressed_batch, process_h5ad, read_gene_list, scbert_tokens
-from metrics import NOVELTY_SCORES, novelty_scores, plot_top_genes
+import metrics  # metrics.NOVELTY_SCORES (a module global here would read as a setting)
+from metrics import novelty_scores, plot_top_genes
 from model import ScBERT, pool, token_valid
 
 # -----------------------------------------------------------------------------
@@ -63,8 +64,8 @@ config = configure(globals())
 
 if not input:
     raise UserError('no input: set --input=<file.h5ad>')
-if novelty not in ('auto', 'scbert', 'off', *NOVELTY_SCORES):
-    raise UserError(f"novelty must be auto, scbert, off or one of {', '.join(NOVELTY_SCORES)}, not '{novelty}'")
+if novelty not in ('auto', 'scbert', 'off', *metrics.NOVELTY_SCORES):
+    raise UserError(f"novelty must be auto, scbert, off or one of {', '.join(metrics.NOVELTY_SCORES)}, not '{novelty}'")
 if not importance and (importance_top, importance_cell_top, importance_steps) != (50, 10, 16):
     raise UserError('importance_top, importance_cell_top and importance_steps shape the --importance output: add '
                     '--importance=<folder>')
@@ -126,7 +127,7 @@ n_bins = model.config.n_bins
 # the novelty rule: a score and its threshold (novel when the score is above it)
 stats = checkpoint.get('novelty') if isinstance(checkpoint, dict) else None
 rule = (stats['default'] if stats else 'scbert') if novelty == 'auto' else novelty
-if rule in NOVELTY_SCORES and not stats:
+if rule in metrics.NOVELTY_SCORES and not stats:
     raise UserError(f'{ckpt} has no calibrated novelty scores (made before they existed, or an original checkpoint): '
                     f'use --novelty=scbert, or fine-tune it again with train.py')
 if rule != 'scbert' and unassigned_threshold != 0.5:

@@ -43,7 +43,8 @@ from tqdm import tqdm
 
 from data import (Dataset, UserError, atomic_write, cell_seeds, dynamic_mask_rate, expressed_batch, fold_split,
                   leave_out_type, load_checkpoint, mask_expressed, mask_panel, masking_units, parse_multiscale_weights, scbert_tokens)
-from metrics import (NOVELTY_SCORES, classification_metrics, fit_logistic_regression, fit_novelty, format_metrics_line,
+import metrics  # metrics.NOVELTY_SCORES (a module global here would read as a setting)
+from metrics import (classification_metrics, fit_logistic_regression, fit_novelty, format_metrics_line,
                      novelty_report, novelty_scores, plot_confusion, plot_loss)
 from model import (Classifier, ModelConfig, ScBERT, as_bitlinear, calibrate_bitlinear, clean_state_dict, cosine_loss,
                    distil_student, kd_loss, token_valid)
@@ -142,7 +143,7 @@ novelty_quantile = 0.95        # each score's threshold: this quantile of the va
 novelty_cells = 20000          # fit the embedding scores on at most this many training cells (a random sample)
 holdout = ''                   # leave-one-cell-type-out: this type is never trained on and its cells are tested as
                                # novel; 'all' = every type with at least holdout_min_cells labelled cells, in turn
-holdout_min_cells = 30
+holdout_min_cells = 30         # holdout=all: the types with at least this many labelled cells
 lr_C = 1.0                     # inverse L2 strength of the logistic-regression baseline
 # distillation (DistilBERT, Sanh et al. 2019; distill.py runs train.py with a teacher)
 teacher = ''                   # teacher checkpoint (ours, or an original scBERT .pth; '{fold}' becomes the fold number,
@@ -176,8 +177,8 @@ choices = dict(mode=('pretrain', 'finetune'), finetune_params=('all', 'head', 's
 for name, allowed in choices.items():
     if globals()[name] not in allowed:
         raise UserError(f"{name} must be one of {', '.join(allowed)}, not '{globals()[name]}' (set --{name}=...)")
-if novelty_score not in NOVELTY_SCORES:
-    raise UserError(f"novelty_score must be one of {', '.join(NOVELTY_SCORES)}, not '{novelty_score}'")
+if novelty_score not in metrics.NOVELTY_SCORES:
+    raise UserError(f"novelty_score must be one of {', '.join(metrics.NOVELTY_SCORES)}, not '{novelty_score}'")
 if not 0 < novelty_quantile < 1:
     raise UserError(f'novelty_quantile must be between 0 and 1 (e.g. 0.95), not {novelty_quantile}')
 if holdout and mode != 'finetune':
@@ -1028,7 +1029,7 @@ if master and holdout and all(results):         # one row per held-out type, the
     rows = {}
     for r in results:
         rows.setdefault(r['holdout'], []).append(r)
-    names = [*NOVELTY_SCORES, 'scbert_rule']
+    names = [*metrics.NOVELTY_SCORES, 'scbert_rule']
     table = {t: {'n_novel': rs[0]['n_novel'], 'n_folds': len(rs),
                  **{name: {m: float(np.mean([r['novelty'][name][m] for r in rs])) for m in ('auroc', 'known_acc', 'novel_acc')}
                     for name in names}} for t, rs in rows.items()}
@@ -1037,10 +1038,10 @@ if master and holdout and all(results):         # one row per held-out type, the
     lines = [f'Novelty AUROC, leave one type out ({dataset}, test fold {fold}; novel = the held-out type\'s cells, '
              f'known = the test fold\'s other cells). Accuracies at the threshold (validation {novelty_quantile:.0%} '
              f'quantile) of {novelty_score}, and of scBERT\'s rule (Unassigned when the top probability < 0.5):', '',
-             '| held-out type | cells | ' + ' | '.join(NOVELTY_SCORES) + f' | {novelty_score}: known / novel acc | '
-             'scBERT rule: known / novel acc |', '|---|---:|' + '---:|' * (len(NOVELTY_SCORES) + 2)]
+             '| held-out type | cells | ' + ' | '.join(metrics.NOVELTY_SCORES) + f' | {novelty_score}: known / novel acc | '
+             'scBERT rule: known / novel acc |', '|---|---:|' + '---:|' * (len(metrics.NOVELTY_SCORES) + 2)]
     for t, row in [*table.items(), ('mean', dict(mean, n_novel=''))]:
-        lines.append(f"| {t} | {row['n_novel']} | " + ' | '.join(f"{row[name]['auroc']:.3f}" for name in NOVELTY_SCORES)
+        lines.append(f"| {t} | {row['n_novel']} | " + ' | '.join(f"{row[name]['auroc']:.3f}" for name in metrics.NOVELTY_SCORES)
                      + f" | {row[novelty_score]['known_acc']:.3f} / {row[novelty_score]['novel_acc']:.3f} | "
                      f"{row['scbert_rule']['known_acc']:.3f} / {row['scbert_rule']['novel_acc']:.3f} |")
     with atomic_write(os.path.join(out_dir, 'novelty.json')) as tmp, open(tmp, 'w') as f:
