@@ -2,23 +2,26 @@
 
     python results/issue8/summarize.py "Baron, scBERT 2.0"=results/issue8/novelty_baron.json ... > results/issue8/novelty.md
 
-Per run: each held-out type's AUROC per score; then, over the held-out types, the mean AUROC and the mean known /
+Per run: each held-out type's AUROC per score, and the known / novel accuracy of the default score and of scBERT's
+rule; then, over the held-out types, the mean AUROC and the mean known /
 novel accuracy at the calibrated threshold (the validation cells' 95% quantile) of every score, and at scBERT's fixed
 rule (Unassigned when the top probability < 0.5). Last: the mean over the runs, which picks predict.py's default."""
 import json
 import sys
 
 SCORES = ('maxprob', 'entropy', 'energy', 'mahalanobis', 'knn')
+DEFAULT = 'knn'                                  # train.py's novelty_score, chosen from these tables
 runs = [(label, json.load(open(path))) for label, path in (a.split('=', 1) for a in sys.argv[1:])]
 
 for label, run in runs:
     print(f"### {label}: AUROC of each score, per held-out type ({run['dataset']}, test fold {run['fold']})\n")
-    print('| held-out type | cells | ' + ' | '.join(SCORES) + ' |')
-    print('|---|---:|' + '---:|' * len(SCORES))
+    print('| held-out type | cells | ' + ' | '.join(SCORES) + f' | {DEFAULT}: known / novel acc | scBERT rule: known / novel acc |')
+    print('|---|---:|' + '---:|' * (len(SCORES) + 2))
     for t, row in run['types'].items():
         best = max(row[s]['auroc'] for s in SCORES)
         print(f"| {t} | {row['n_novel']} | " + ' | '.join(
-            (f"**{row[s]['auroc']:.3f}**" if row[s]['auroc'] == best else f"{row[s]['auroc']:.3f}") for s in SCORES) + ' |')
+            (f"**{row[s]['auroc']:.3f}**" if row[s]['auroc'] == best else f"{row[s]['auroc']:.3f}") for s in SCORES)
+            + ''.join(f" | {row[s]['known_acc']:.3f} / {row[s]['novel_acc']:.3f}" for s in (DEFAULT, 'scbert_rule')) + ' |')
     print()
 
 print('### Over the held-out types: mean AUROC, and known / novel accuracy at the threshold\n')
