@@ -755,8 +755,8 @@ class ScBERT(nn.Module):
     def attention_received(self, x, chunk=0, as_released=False):
         """scBERT's attention sum (attn_sum_save.py): the attention each token receives, averaged over the query tokens,
         the heads and the layers, then normalized to sum to 1 per cell. x: an encoder input -> (B, L), 0 at padding.
-        The original builds the full (L, L) matrix per head in fp16 (over 11 GB at 16,907 genes); Attention.received
-        does not. Its SequentialSequence also computes each layer's matrix a second time, from the layer's input plus
+        The original builds the full (L, L) matrix per head (from an fp32 L×L identity repeated per head as the values:
+        11.4 GB at 16,907 genes); Attention.received never forms it. Its SequentialSequence also computes each layer's matrix a second time, from the layer's input plus
         the attention's output (the residual), not from what the layer attended with; as_released=True repeats that
         slip, to compare with the original's numbers."""
         h, attn_mask, valid, rel = self.encoder_input(x)

@@ -48,8 +48,8 @@ unassigned_threshold = 0.5     # novelty=scbert: 'Unassigned' when the top proba
 importance = ''                # a folder: write each predicted type's top genes (top_genes.csv, <type>.png) ('' = no)
 importance_top = 50            # genes per type and method in top_genes.csv (0 = every gene)
 importance_cell_top = 10       # genes per cell and method in cell_top_genes.csv (0 = no per-cell file)
-importance_steps = 16          # integrated gradients' steps (1 = gradient × input: steps times cheaper, misses
-                               # saturated genes such as hormone genes at the top bin; see the README)
+importance_steps = 16          # integrated gradients' steps (1 = gradient × input: one backward pass instead of 16,
+                               # but it misses saturated genes such as hormone genes at the top bin; see the README)
 batch_size = 32                # cells per forward pass
 layer = 'auto'                 # matrix to read: auto | X | raw | <layer name> (as prepare_data.py)
 gene_key = ''                  # var column holding gene symbols ('' = the var index)
@@ -296,7 +296,8 @@ if importance:          # each type's mean over its cells, ranked (attention: a 
 n_unassigned, n_fail = int((predicted == 'Unassigned').sum()), int((~qc_pass).sum())
 print(f'annotated {len(prob)} cells in {elapsed:.1f} s ({len(prob) / max(elapsed, 1e-9):.1f} cells/s) -> {output}'
       + (f', {output_h5ad}' if output_h5ad else '') + (f', {embeddings}' if embeddings else '')
-      + (f', {importance}/top_genes.csv, cell_top_genes.csv and a plot per type' if importance else ''))
+      + (f', {importance}/top_genes.csv' + (', cell_top_genes.csv' if importance_cell_top else '') + ' and a plot per type'
+         if importance else ''))
 rule_text = {'scbert': f"scBERT's rule: top probability < {unassigned_threshold}", 'off': 'novelty=off'}.get(
     rule, f"{rule} score > {threshold:.4g}, the {stats['quantile'] if stats else 0:.0%} quantile of the validation cells")
 print(f'{n_unassigned} Unassigned ({rule_text}); '
