@@ -126,6 +126,9 @@ n_bins = model.config.n_bins
 
 # the novelty rule: a score and its threshold (novel when the score is above it)
 stats = checkpoint.get('novelty') if isinstance(checkpoint, dict) else None
+if stats and not (isinstance(stats, dict) and stats.get('default') in metrics.NOVELTY_SCORES
+                  and set(metrics.NOVELTY_SCORES) <= set(stats.get('thresholds', {}))):
+    raise UserError(f"{ckpt} is damaged (its 'novelty' entry is incomplete); use --novelty=scbert or fine-tune it again")
 rule = (stats['default'] if stats else 'scbert') if novelty == 'auto' else novelty
 if rule in metrics.NOVELTY_SCORES and not stats:
     raise UserError(f'{ckpt} has no calibrated novelty scores (made before they existed, or an original checkpoint): '
@@ -143,7 +146,6 @@ if importance and getattr(model, 'quantization', None):
     raise UserError(f'{ckpt} is quantized ({model.quantization}): its int8 kernels have no gradient; run --importance '
                     f'with the float checkpoint it was made from')
 if importance:
-    os.makedirs(importance, exist_ok=True)
     attribution_name = 'gradient_x_input' if importance_steps == 1 else 'integrated_gradients'
     sums = {m: torch.zeros(len(classes), len(genes), dtype=torch.float64) for m in ('attention', attribution_name)}
     n_per_type = torch.zeros(len(classes), dtype=torch.long)
@@ -275,6 +277,7 @@ if output_h5ad:
 
 if importance:          # each type's mean over its cells, ranked (attention: a cell's shares, CLS / the appended token
                         # left out, so a little under 1 in all)
+    os.makedirs(importance, exist_ok=True)
     with atomic_write(os.path.join(importance, 'top_genes.csv')) as tmp, open(tmp, 'w') as f:
         f.write('cell_type,n_cells,method,rank,gene,score\n')
         for c in np.flatnonzero(n_per_type.numpy()):

@@ -228,6 +228,8 @@ def test_leave_one_type_out_novelty_and_gene_importance_end_to_end(baron, tmp_pa
                    '--holdout_min_cells=5', check=False), 'holdout=all')
     user_error(run('predict.py', f'--ckpt={run_dir / "best.pt"}', f'--input={source}', '--importance_steps=4',
                    check=False), '--importance=')
+    torch.save(dict(best, novelty={'default': 'knn'}), tmp_path / 'damaged.pt')
+    user_error(run('predict.py', f'--ckpt={tmp_path / "damaged.pt"}', f'--input={source}', check=False), 'damaged')
     # int8: the novelty scores are fitted again, on the held-out run's own labels
     result = run('quantize.py', f'--ckpt={run_dir / "best.pt"}', f'--out={tmp_path / "q.pt"}', '--num_threads=1')
     assert 'novelty scores refitted on the quantized model' in result.stdout
