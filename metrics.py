@@ -202,6 +202,17 @@ def fit_novelty(features, labels, n_classes, k=10, max_bank=10000, seed=0):
             'bank': F.normalize(bank, dim=1).float(), 'k': int(min(k, len(bank)))}
 
 
+def novelty_rule(fit_features, fit_labels, n_classes, val_logits, val_features, quantile, default, seed=0, k=10,
+                 max_bank=10000):
+    """What a checkpoint stores for predict.py: fit_novelty's statistics (from training cells), each score's threshold
+    (the `quantile` quantile of the validation cells' scores: all known types, so about 1 - quantile of known cells are
+    called novel), the default score, and the seed and fit size (so quantize.py can fit again on the same cells)."""
+    stats = fit_novelty(fit_features, fit_labels, n_classes, k=k, max_bank=max_bank, seed=seed)
+    thresholds = {name: float(np.quantile(s, quantile))
+                  for name, s in novelty_scores(val_logits, val_features, stats).items()}
+    return dict(stats, default=default, quantile=quantile, thresholds=thresholds, n_fit=len(fit_labels), seed=seed)
+
+
 def novelty_scores(logits, features=None, stats=None, chunk=1024):
     """Every novelty score of cells with logits [n, n_classes] (and features [n, D] + fit_novelty's stats for the
     embedding scores) -> {name: float64 array [n]}, higher = more novel."""

@@ -327,31 +327,28 @@ class Attention(nn.Module):
         q = self.to_q(x).view(B, L, self.n_head, -1).transpose(1, 2)                         # (B, H, L, d)
         k = repeat_kv(self.to_k(x).view(B, L, self.n_kv_head, -1).transpose(1, 2), self.n_head // self.n_kv_head)
         with torch.autocast(x.device.type, enabled=False):     # sums over thousands of tokens: fp32 even under AMP
-            return self.received_fp32(q.float(), k.float(), attn_mask, rel, valid, chunk)
-
-    def received_fp32(self, q, k, attn_mask, rel, valid, chunk):
-        B, H, L, _ = q.shape
-        if self.config.attention == 'performer':                # the panel input: no padding
-            q = softmax_kernel(q, self.projection_matrix, is_query=True)                        # (B, H, L, m)
-            k = softmax_kernel(k, self.projection_matrix, is_query=False, batch_max=self.config.favor_batch_max)
-            d_inv = 1 / (q @ k.sum(-2, keepdim=True).transpose(-2, -1))                         # (B, H, L, 1): 1 / D_i
-            return (k @ (q * d_inv).mean(-2, keepdim=True).transpose(-2, -1)).squeeze(-1).mean(1)
-        total = q.new_zeros(B, H, L)
-        scale = 1 / math.sqrt((3 if rel is not None else 1) * q.shape[-1])
-        chunk = chunk or max(1, 2 ** 22 // (B * H * L))
-        for s in range(0, L, chunk):
-            rows = slice(s, s + chunk)
-            scores = q[:, :, rows] @ k.transpose(-2, -1) * scale                               # (B, H, chunk, L)
-            if rel is not None:
-                scores = scores + self.disentangled_bias(q[:, :, rows], k, *rel, attn_mask, rows)
-            elif attn_mask is not None:
-                scores = scores.masked_fill(~attn_mask, float('-inf'))
-            a = scores.softmax(-1)
-            if valid is not None:                               # padding queries attend too; leave them out
-                a = a * valid[:, None, rows, None]
-            total += a.sum(-2)
-        n_queries = L if valid is None else valid.sum(-1, keepdim=True)                   # (B, 1)
-        return total.mean(1) / n_queries
+            q, k = q.float(), k.float()
+            if self.config.attention == 'performer':            # the panel input: no padding
+                q = softmax_kernel(q, self.projection_matrix, is_query=True)                    # (B, H, L, m)
+                k = softmax_kernel(k, self.projection_matrix, is_query=False, batch_max=self.config.favor_batch_max)
+                d_inv = 1 / (q @ k.sum(-2, keepdim=True).transpose(-2, -1))                     # (B, H, L, 1): 1 / D_i
+                return (k @ (q * d_inv).mean(-2, keepdim=True).transpose(-2, -1)).squeeze(-1).mean(1)
+            total = q.new_zeros(B, self.n_head, L)
+            scale = 1 / math.sqrt((3 if rel is not None else 1) * q.shape[-1])
+            chunk = chunk or max(1, 2 ** 22 // (B * self.n_head * L))
+            for s in range(0, L, chunk):
+                rows = slice(s, s + chunk)
+                scores = q[:, :, rows] @ k.transpose(-2, -1) * scale                           # (B, H, chunk, L)
+                if rel is not None:
+                    scores = scores + self.disentangled_bias(q[:, :, rows], k, *rel, attn_mask, rows)
+                elif attn_mask is not None:
+                    scores = scores.masked_fill(~attn_mask, float('-inf'))
+                a = scores.softmax(-1)
+                if valid is not None:                           # padding queries attend too; leave them out
+                    a = a * valid[:, None, rows, None]
+                total += a.sum(-2)
+            n_queries = L if valid is None else valid.sum(-1, keepdim=True)               # (B, 1)
+            return total.mean(1) / n_queries
 
 
 class MLP(nn.Module):

@@ -32,7 +32,7 @@ import torch
 
 from data import (Dataset, UserError, atomic_write, classify_input, fold_split, leave_out_type, load_checkpoint,
                   read_gene_list)
-from metrics import classification_metrics, fit_novelty, novelty_scores
+from metrics import classification_metrics, novelty_rule
 from model import ScBERT, as_bitlinear, calibrate_bitlinear, packed_state_dict, quantize
 
 # -----------------------------------------------------------------------------
@@ -106,11 +106,9 @@ def refit_novelty(model, data, split, novelty):
     n_fit = int(novelty.get('n_fit', len(train_idx)))
     fit_idx = train_idx if len(train_idx) <= n_fit else \
         np.sort(np.random.default_rng(seed).choice(train_idx, n_fit, replace=False))
-    stats = fit_novelty(outputs(model, data, fit_idx)[1], data.labels[fit_idx], model.config.n_classes,
-                        k=novelty['k'], max_bank=len(novelty['bank']), seed=seed)
-    val_scores = novelty_scores(*outputs(model, data, val_idx), stats)
-    thresholds = {name: float(np.quantile(v, novelty['quantile'])) for name, v in val_scores.items()}
-    return dict(novelty, **stats, thresholds=thresholds)
+    return novelty_rule(outputs(model, data, fit_idx)[1], data.labels[fit_idx], model.config.n_classes,
+                        *outputs(model, data, val_idx), novelty['quantile'], novelty['default'], seed=seed,
+                        k=novelty['k'], max_bank=len(novelty['bank']))
 
 
 def quantize_one(path, k, out_path):

@@ -19,7 +19,7 @@ resume), out_dir/best.pt (the best model, for predict.py), metrics.json, loss.pn
 each fold writes these in out_dir/fold<k>/, and out_dir/metrics.json holds the mean ± sd over folds and every fold.
 
 Novel cell types: after fine-tuning, best.pt also gets what predict.py needs to call a cell 'Unassigned': the novelty
-scores' statistics of the training cells (metrics.fit_novelty) and each score's threshold, the novelty_quantile of the
+scores' statistics of the training cells and each score's threshold, the novelty_quantile of the
 validation cells' scores. With holdout=<type> (or 'all') the type is left out of training and validation, and its cells
 join the test fold as novel: the run reports each score's AUROC (novel vs the test fold's known cells) and the known
 and novel accuracy at the thresholds, beside scBERT's rule, in out_dir/holdout_<type>/ and out_dir/novelty.{json,md}.
@@ -44,8 +44,8 @@ from tqdm import tqdm
 from data import (Dataset, UserError, atomic_write, cell_seeds, dynamic_mask_rate, expressed_batch, fold_split,
                   leave_out_type, load_checkpoint, mask_expressed, mask_panel, masking_units, parse_multiscale_weights, scbert_tokens)
 import metrics  # metrics.NOVELTY_SCORES (a module global here would read as a setting)
-from metrics import (classification_metrics, fit_logistic_regression, fit_novelty, format_metrics_line,
-                     novelty_report, novelty_scores, plot_confusion, plot_loss)
+from metrics import (classification_metrics, fit_logistic_regression, format_metrics_line, novelty_report,
+                     novelty_rule, novelty_scores, plot_confusion, plot_loss)
 from model import (Classifier, ModelConfig, ScBERT, as_bitlinear, calibrate_bitlinear, clean_state_dict, cosine_loss,
                    distil_student, kd_loss, token_valid)
 
@@ -953,22 +953,20 @@ def train_fold(k, fold_dir, novel_idx=None):
         # validation cells (known types only: a quantile of their scores), stored in best.pt for predict.py
         fit_idx = train_idx if len(train_idx) <= novelty_cells else \
             np.sort(np.random.default_rng(seed).choice(train_idx, novelty_cells, replace=False))
-        stats = fit_novelty(cell_outputs(best_model, fit_idx)[1], data.labels[fit_idx], len(data.label_names), seed=seed)
-        val_scores = novelty_scores(*cell_outputs(best_model, val_idx), stats)
-        thresholds = {name: float(np.quantile(s, novelty_quantile)) for name, s in val_scores.items()}
-        best_ckpt['novelty'] = dict(stats, default=novelty_score, quantile=novelty_quantile, thresholds=thresholds,
-                                    n_fit=len(fit_idx), seed=seed)
+        best_ckpt['novelty'] = rule = novelty_rule(
+            cell_outputs(best_model, fit_idx)[1], data.labels[fit_idx], len(data.label_names),
+            *cell_outputs(best_model, val_idx), novelty_quantile, novelty_score, seed=seed)
         best_ckpt['holdout'] = held_out
         save(os.path.join(fold_dir, 'best.pt'), best_ckpt)
         if novel_idx is not None:
             logits, features = cell_outputs(best_model, test_idx)
-            known = novelty_scores(logits, features, stats)
+            known = novelty_scores(logits, features, rule)
             novel_logits, novel_features = cell_outputs(best_model, novel_idx)
-            novel = novelty_scores(novel_logits, novel_features, stats)
+            novel = novelty_scores(novel_logits, novel_features, rule)
             correct = logits.argmax(1).numpy() == data.labels[test_idx]
             called = np.bincount(novel_logits.argmax(1).numpy(), minlength=len(data.label_names))   # the novel cells'
             result['novel_called_as'] = {t: int(n) for t, n in zip(data.label_names, called) if n}  # classes
-            report = novelty_report(known, correct, novel, thresholds)
+            report = novelty_report(known, correct, novel, rule['thresholds'])
             # scBERT's rule, a fixed threshold: Unassigned when the top probability is below 0.5
             report['scbert_rule'] = novelty_report({'maxprob': known['maxprob']}, correct, {'maxprob': novel['maxprob']},
                                                    {'maxprob': 0.5})['maxprob']

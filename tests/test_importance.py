@@ -7,22 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from model import ModelConfig, ScBERT, repeat_kv, softmax_kernel
+from model import ScBERT, repeat_kv, softmax_kernel
+from test_albert_deberta import small   # a 10-gene model with a gene annotation, in eval mode
 
 REF = Path(__file__).resolve().parents[1].parent / 'shared' / 'data' / 'scbert_ref'
-CHROM = torch.tensor([1, 1, 1, 2, 2, 0, 3, 3, 1, 2])
-START = torch.tensor([100., 5_000., 2e6, 10., 1e8, -1., 3., 4., 2.4e8, 7.])
-
-
-def small(**kw):
-    args = dict(n_genes=10, n_embd=32, n_layer=2, n_head=4, dim_head=8, attention='sdpa', input_genes='expressed',
-                value_emb='continuous', n_classes=3, head='pooled', norm='rmsnorm', mlp='swiglu', bias=False)
-    args.update(kw)
-    torch.manual_seed(0)
-    model = ScBERT(ModelConfig(**args))
-    if model.config.disentangled:
-        model.set_gene_annotation(CHROM, START)
-    return model.eval()
 
 
 def expressed_cells():
