@@ -451,10 +451,7 @@ class Dataset:
 
     def dense(self, idx):
         """-> np.float32 [len(idx), n_genes]"""
-        indptr, indices, values = self.rows(idx)
-        out = np.zeros((len(indptr) - 1, self.n_genes), dtype=np.float32)
-        out[np.repeat(np.arange(len(out)), np.diff(indptr)), indices] = values
-        return out
+        return to_dense(*self.rows(idx), self.n_genes)
 
     def annotation(self):
         """The genes' annotation.h5 (see read_annotation, under "gene annotations" below), read once and cached."""
@@ -491,14 +488,43 @@ def leave_out_type(labels, label_names, held_out):
             np.flatnonzero(labels == c))
 
 
-def classify_input(data, idx, cfg):
-    """A model's input for cells idx of a prepared Dataset, as train.py evaluates them (nothing masked): scBERT's
-    tokens (B, n_genes + 1), or the expressed-gene dict with each cell's fixed gene subset."""
+def to_dense(indptr, indices, values, n_genes):
+    """CSR cells -> np.float32 (n_cells, n_genes)."""
+    out = np.zeros((len(indptr) - 1, n_genes), dtype=np.float32)
+    out[np.repeat(np.arange(len(out)), np.diff(indptr)), indices] = values
+    return out
+
+
+def model_input(csr, cfg, log_base, seeds=None, mask_prob=0.0, replace_prob=0.9, masking='nonzero', units=None,
+                weights=(1.0, 1.0, 1.0)):
+    """Cells -> the model's input: the one place every script turns cells into what a ModelConfig cfg reads.
+
+    csr = (indptr, indices, values) of log-normalized cells over the model's genes. Returns
+      scBERT (cfg.input_genes == 'all'):  tokens (B, n_genes + 1), the whole panel binned (scbert_tokens);
+      scBERT 2.0 ('expressed'):          expressed_batch's dict of (B, T) tensors: CLS is added by the model.
+    seeds: one per cell. Expressed input: they pick each cell's max_genes subset (None = cell_seeds: a fixed subset
+    per cell, as evaluation and predict.py use). Panel input: they seed the masks (None = cell_seeds).
+    mask_prob > 0: masked for pretraining (see mask_panel / mask_expressed) -> (input, targets), targets being the
+    masked bins (-100 elsewhere), or for expressed input {'bins': ..., 'values': ...}."""
     import torch
+    indptr, indices, values = csr
+    if seeds is None:
+        seeds = cell_seeds(indptr, indices, cfg.seed)
     if cfg.input_genes == 'expressed':
-        indptr, indices, values = data.rows(idx)
-        return expressed_batch(indptr, indices, values, cell_seeds(indptr, indices, cfg.seed), cfg, data.log_base)
-    return scbert_tokens(torch.from_numpy(data.dense(idx)), data.log_base, cfg.n_bins)
+        x = expressed_batch(indptr, indices, values, seeds, cfg, log_base, mask_prob, replace_prob, masking, units,
+                            weights)
+        if mask_prob > 0:
+            return x, {'bins': x.pop('target_bins'), 'values': x.pop('target_values')}
+        return x
+    tokens = scbert_tokens(torch.from_numpy(to_dense(indptr, indices, values, cfg.n_genes)), log_base, cfg.n_bins)
+    if mask_prob > 0:
+        return mask_panel(tokens, seeds, cfg.mask_id, mask_prob, replace_prob, masking, units, weights)
+    return tokens
+
+
+def dataset_input(data, idx, cfg):
+    """model_input of cells idx of a prepared Dataset, unmasked, as train.py evaluates them."""
+    return model_input(data.rows(idx), cfg, data.log_base)
 
 
 def split_indices(folds, fold, n_folds):

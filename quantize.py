@@ -30,7 +30,7 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
-from data import (Dataset, UserError, atomic_write, classify_input, fold_split, leave_out_type, load_checkpoint,
+from data import (Dataset, UserError, atomic_write, dataset_input, fold_split, leave_out_type, load_checkpoint,
                   read_gene_list)
 from metrics import classification_metrics, novelty_rule
 from model import ScBERT, as_bitlinear, calibrate_bitlinear, packed_state_dict, quantize
@@ -87,7 +87,7 @@ def outputs(model, data, idx):
     """-> (logits, the classifier's hidden features) of cells idx, as float32 tensors."""
     logits, features = [], []
     for start in range(0, len(idx), batch_size):
-        x = classify_input(data, idx[start:start + batch_size], model.config)
+        x = dataset_input(data, idx[start:start + batch_size], model.config)
         f = model.cls_head.features(model.encode(x), x).float()
         logits.append(model.cls_head.fc3(f))
         features.append(f)
@@ -184,7 +184,7 @@ def quantize_one(path, k, out_path):
     if needs_calibration:
         model = as_bitlinear(model)
         cells = np.sort(np.random.default_rng(0).choice(split[0], min(calibration_cells, len(split[0])), replace=False))
-        calibrate_bitlinear(model, (classify_input(data, cells[i:i + batch_size], model.config)
+        calibrate_bitlinear(model, (dataset_input(data, cells[i:i + batch_size], model.config)
                                     for i in range(0, len(cells), batch_size)))
         report['calibration_cells'] = len(cells)
     quantize(model, scheme)

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from data import Dataset, classify_input, fold_split
+from data import Dataset, dataset_input, fold_split
 from model import (BitLinear, ModelConfig, QuantLinear, ScBERT, absmax_int8, absmean_ternary, as_bitlinear,
                    calibrate_bitlinear, fake_quant, int8_gemm_available, pack_ternary, packed_state_dict, quantize,
                    unpack_ternary)
@@ -216,7 +216,7 @@ def test_quantize_py_int8_on_real_cells(baron, teacher, tmp_path):
     float_model = ScBERT.from_checkpoint(state(teacher)).eval()
     int8_model = ScBERT.from_checkpoint(ckpt).eval()
     data = Dataset(baron)
-    x = classify_input(data, fold_split(data, 0)[2], float_model.config)
+    x = dataset_input(data, fold_split(data, 0)[2], float_model.config)
     with torch.no_grad():
         a, b = float_model(x)[0], int8_model(x)[0]
     assert rel_err(b, a) < 0.05 and (a.argmax(1) == b.argmax(1)).float().mean() >= 0.9
@@ -280,7 +280,7 @@ def test_bitlinear_training_then_packed_ternary(baron, teacher, tmp_path):
     for layer in tern.quantized_linears():
         layer.kernel = 'reference'
     data = Dataset(baron)
-    x = classify_input(data, np.arange(data.n_cells), bit.config)
+    x = dataset_input(data, np.arange(data.n_cells), bit.config)
     with torch.no_grad():
         assert rel_err(tern(x)[0], bit(x)[0]) < 1e-3
 
