@@ -39,12 +39,14 @@ class ConfigError(Exception):
     """A mistake in the command line or a config file; configure() reports it as one line and exits 2."""
 
 
-def configure(scope, argv=None):
+def configure(scope, argv=None, sources=(), ignored_in_files=()):
+    """sources: other files whose settings' comments --help shows (training.py's shared settings). ignored_in_files:
+    names a config file may assign that this script does not have (they are dropped, with a note)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     # snapshot the defaults: type checks are against the default, even after a config file changed the value
     defaults = {k: v for k, v in scope.items() if not k.startswith('_') and isinstance(v, SETTING_TYPES)}
     if '-h' in argv or '--help' in argv:
-        print(help_text(scope, defaults))
+        print(help_text(scope, defaults, sources))
         raise SystemExit(0)
     try:
         for arg in argv:
@@ -56,7 +58,7 @@ def configure(scope, argv=None):
             elif arg.startswith('-'):
                 raise ConfigError(f"unknown argument '{arg}' (settings are --key=value; see --help)")
             else:
-                scope.update(run_config_file(arg, scope, defaults))
+                scope.update(run_config_file(arg, scope, defaults, ignored_in_files))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -105,7 +107,7 @@ def check_value(name, value, default, path):
     raise ConfigError(f"{name} in {path} expects {type(default).__name__}, got {value!r}")
 
 
-def run_config_file(path, scope, defaults):
+def run_config_file(path, scope, defaults, ignored=()):
     """Run a config file with the current settings visible; return the settings it assigned, type-checked."""
     if not os.path.isfile(path):
         hint = f"; did you mean --{path}?" if '=' in path else ''
@@ -119,13 +121,18 @@ def run_config_file(path, scope, defaults):
         frames = [fr for fr in traceback.extract_tb(e.__traceback__) if fr.filename == path]
         line = getattr(e, 'lineno', None) if isinstance(e, SyntaxError) else (frames[-1].lineno if frames else None)
         raise ConfigError(f"in config file {path} line {line}: {type(e).__name__}: {e}") from None
-    assigned = {}
+    assigned, dropped = {}, []
     for name, value in namespace.items():
         if name.startswith('_') or isinstance(value, types.ModuleType):  # imports and helpers are fine
+            continue
+        if name in ignored and name not in defaults:
+            dropped.append(name)
             continue
         if name not in defaults:
             raise ConfigError(unknown(name, defaults, where=f' in {path}'))
         assigned[name] = check_value(name, value, defaults[name], path)
+    if dropped:
+        print(f"note: {path} sets {', '.join(dropped)}, which this script takes from elsewhere: ignored")
     return assigned
 
 
@@ -150,8 +157,10 @@ def descriptions(path):
     return found
 
 
-def help_text(scope, defaults):
-    described = descriptions(scope['__file__']) if scope.get('__file__') else {}
+def help_text(scope, defaults, sources=()):
+    described = {}
+    for path in [*sources, scope.get('__file__')]:
+        described.update(descriptions(path) if path else {})
     rows = [(f'{name} = {value!r}', described.get(name, '')) for name, value in defaults.items()]
     width = max((len(left) for left, _ in rows), default=0)
     script = os.path.basename(scope.get('__file__') or '<script>')

@@ -1246,3 +1246,13 @@ def read_annotation(path, n_genes):
     except (OSError, KeyError, ValueError, TypeError, IndexError) as e:
         raise UserError(f"{file} is corrupt ({type(e).__name__}: {e}); {ANNOTATION_FIX.format(path)}") from None
     return out
+
+
+def prepare_default_dataset(path):  # TEMPORARY (replaced by the scripts branch)
+    import subprocess
+    import sys
+    if not os.path.exists(os.path.join(path, 'meta.json')) and os.path.normpath(path) == os.path.join('data', 'pbmc68k'):
+        print(f'{path} is missing: preparing it from the embedded data/pbmc68k_reduced.h5ad')
+        here = os.path.dirname(os.path.abspath(__file__))
+        subprocess.run([sys.executable, os.path.join(here, 'prepare_data.py'), f'--out_dir={path}',
+                        f'--input={os.path.join(here, "data", "pbmc68k_reduced.h5ad")}'], check=True)
