@@ -745,6 +745,8 @@ def pool(h, valid=None, how='pooled'):
 # relative positions (disentangled). The annotation they read (chromosome, start, gene sets) comes from
 # prepare_data.py and is stored in buffers, so it travels with the checkpoint.
 
+# ALBERT: the factorized embedding is two lines of ScBERT (gene_emb, gene_emb_proj); the sharing is here
+
 def share_layers(blocks, how):
     """ALBERT's cross-layer sharing: every block reuses block 0's attention, feed-forward ('ffn'), or all of it. The
     same module in several places: parameters() counts it once, the optimizer updates it once per step."""
@@ -756,6 +758,8 @@ def share_layers(blocks, how):
         if how == 'all':
             block.ln_1, block.ln_2 = blocks[0].ln_1, blocks[0].ln_2
 
+
+# biology: the gene annotation, its buffers, and what it adds to a gene's embedding (genomic_pe, pathway_enc)
 
 def add_annotation_modules(model, config):
     """The gene annotation's buffers and the tables that read it, on `model` (in this order: it is the init order)."""
@@ -824,6 +828,8 @@ def genomic_sinusoid(start, dim):
     angle = start.double()[..., None] * (2 * math.pi / wavelength)                  # (..., half)
     return F.pad(torch.cat([angle.sin(), angle.cos()], -1), (0, dim - 2 * half)).float()
 
+
+# DeBERTa: disentangled attention over genomic relative positions (Attention.forward calls it when rel is given)
 
 def genomic_buckets(chrom, start, n_pos_buckets):
     """DeBERTa's relative positions, made genomic: the bucket of key gene j seen from query gene i.
