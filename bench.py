@@ -85,7 +85,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from data import Dataset, UserError, atomic_write, cell_seeds, expressed_batch, mask_tokens, scbert_tokens
-from model import ModelConfig, ScBERT, as_bitlinear, packed_state_dict, quantize
+from lowbit import packed_state_dict, quantize
+from model import ModelConfig, ScBERT, as_bitlinear
 
 # -----------------------------------------------------------------------------
 variants = ('scbert,scbert_exact,scbert2_dense,scbert2_gqa,scbert2_moe,scbert2_small,'    # what to measure (see above)

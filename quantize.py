@@ -32,8 +32,9 @@ import torch
 
 from data import (Dataset, UserError, atomic_write, dataset_input, fold_split, leave_out_type, load_checkpoint,
                   read_gene_list)
+from lowbit import packed_state_dict, quantize
 from metrics import classification_metrics, novelty_rule
-from model import ScBERT, as_bitlinear, calibrate_bitlinear, packed_state_dict, quantize
+from model import ScBERT, as_bitlinear, calibrate_bitlinear
 
 # -----------------------------------------------------------------------------
 ckpt = 'out/best.pt'           # a checkpoint of ours (train.py's best.pt / ckpt.pt) or an original scBERT .pth

@@ -71,7 +71,8 @@ def test_cross_layer_sharing_reduces_parameters(share, per_block):
 def test_students_and_quantized_models_keep_the_options():
     """A narrower DistilBERT student (random weights) still knows where its genes are; int8 covers DeBERTa's position
     projections like every other attention linear, and the outputs stay close."""
-    from model import QuantLinear, distil_student, quantize
+    from lowbit import QuantLinear, quantize
+    from model import distil_student
     teacher = small(genomic_pe=True, n_chrom=3, pathway_enc=True, n_pathways=5, n_pathway_links=7, disentangled=True)
     student = distil_student(teacher, [0], n_embd=16)
     for name in ('gene_chrom', 'gene_start', 'pathway_ptr', 'pathway_idx'):
@@ -86,7 +87,7 @@ def test_students_and_quantized_models_keep_the_options():
 
 
 def test_sharing_refuses_moe_ffn():
-    with pytest.raises(AssertionError, match='n_expert=0'):
+    with pytest.raises(ValueError, match='n_expert=0'):
         ModelConfig(n_expert=4, share_layers='ffn')
 
 
@@ -185,7 +186,7 @@ def test_disentangled_attention_uses_positions_and_ignores_padding():
     moved = small(disentangled=True)
     moved.set_gene_annotation(CHROM, START * 3, PTR, IDX)   # other distances -> other buckets -> other outputs
     assert not torch.allclose(moved(x)[0], logits)
-    with pytest.raises(AssertionError, match='sdpa'):
+    with pytest.raises(ValueError, match='sdpa'):
         ModelConfig(disentangled=True, attention='performer')
 
 

@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from data import Dataset, dataset_input, fold_split
-from model import (BitLinear, ModelConfig, QuantLinear, ScBERT, absmax_int8, absmean_ternary, as_bitlinear,
-                   calibrate_bitlinear, fake_quant, int8_gemm_available, pack_ternary, packed_state_dict, quantize,
-                   unpack_ternary)
+from lowbit import QuantLinear, int8_gemm_available, pack_ternary, packed_state_dict, quantize, unpack_ternary
+from model import (BitLinear, ModelConfig, ScBERT, absmax_int8, absmean_ternary, as_bitlinear, calibrate_bitlinear,
+                   fake_quant)
 from test_distill import teacher  # noqa: F401  (a fixture: a small scBERT 2.0 fine-tuned on the Baron cells)
 from test_train import ROOT, run, state, user_error
 
