@@ -60,7 +60,8 @@ def load_checkpoint(path, setting='ckpt'):
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
-        raise UserError(f'cannot read checkpoint {path} ({type(e).__name__}); it is corrupt or not a PyTorch checkpoint') from None
+        raise UserError(f'cannot read checkpoint {path} ({type(e).__name__}); it is corrupt or not a PyTorch '
+                        f'checkpoint') from None
 
 
 def read_gene_list(path):
@@ -189,8 +190,8 @@ class H5AD:
         if isinstance(node, h5py.Dataset):  # dense [n_obs, n_vars]: cap a chunk at 16M elements (64 MB)
             n_rows = node.shape[0]
             if n_rows != self.n_obs:
-                raise UserError(f"{self.path}: {matrix} has {n_rows} rows for {self.n_obs} cells in obs; write it again "
-                                f"with anndata's adata.write_h5ad()")
+                raise UserError(f"{self.path}: {matrix} has {n_rows} rows for {self.n_obs} cells in obs; write it "
+                                f"again with anndata's adata.write_h5ad()")
             step = max(1, min(chunk, (1 << 24) // max(1, node.shape[1])))
             for start in range(0, n_rows, step):
                 block = node[start:start + step].astype(np.float32)
@@ -233,7 +234,8 @@ class H5AD:
                     n_indices != n_data and f"{n_indices} indices for {n_data} values",
                     len(indptr) and indptr[0] != 0 and f"indptr starts at {indptr[0]}, not 0",
                     len(indptr) and (np.diff(indptr) < 0).any() and "indptr decreases",
-                    len(indptr) and indptr[-1] != n_data and f"indptr ends at {indptr[-1]}, with {n_data} values stored"]
+                    len(indptr) and indptr[-1] != n_data
+                    and f"indptr ends at {indptr[-1]}, with {n_data} values stored"]
         self.check_problem(next((p for p in problems if p), None), matrix, csc)
         return indptr
 
@@ -718,6 +720,60 @@ def gather_runs(values, starts, lengths):
     return values[np.repeat(starts - np.cumsum(lengths) + lengths, lengths) + np.arange(total)]
 
 
+class CellUnits:
+    """One cell's state while mask_by_units masks it: its candidates (vocab genes), which are masked, the budget left
+    and the units chosen; with gene sets, the sets holding a candidate, in a random ranking, and each one's new
+    (not yet masked) candidates. Plain Python lists: a unit is a few list operations (numpy sets the cell up)."""
+
+    def __init__(self, rng, genes, n_target, units, use_sets):
+        self.n, self.genes = len(genes), np.asarray(genes, np.int64)
+        self.masked, self.chosen, self.left = bytearray(self.n), [], n_target
+        self.use_sets, self.next_set = use_sets, 0
+        if use_sets:
+            self.index_sets(rng, units)
+
+    def index_sets(self, rng, units):
+        """The cell's sets: (candidate, set) links by candidate, and each set's candidates."""
+        genes = self.genes
+        starts, lengths = units.gene_ptr[genes], units.gene_ptr[genes + 1] - units.gene_ptr[genes]
+        link_set = gather_runs(units.gene_sets, starts, lengths)
+        links_of_set = np.bincount(link_set, minlength=units.n_sets)
+        self.sets = sets = np.flatnonzero(links_of_set)                 # the sets holding a candidate, by id
+        local = np.zeros(units.n_sets, np.int64)
+        local[sets] = np.arange(len(sets))
+        link_set = local[link_set].astype(np.int16 if len(sets) < 1 << 15 else np.int32)   # -> indices into sets
+        self.members = np.repeat(np.arange(self.n), lengths)[np.argsort(link_set, kind='stable')].tolist()  # radix
+        self.member_ptr = np.concatenate([[0], np.cumsum(links_of_set[sets])]).tolist()
+        self.link_ptr = np.concatenate([[0], np.cumsum(lengths)]).tolist()
+        self.count = links_of_set[sets].tolist()                        # the new genes of each set
+        self.link_set = link_set.tolist()
+        self.ranking = rng.permutation(len(sets)).tolist()
+
+    def mask(self, c):
+        self.masked[c] = 1
+        if self.use_sets:
+            count, link_set = self.count, self.link_set
+            for t in link_set[self.link_ptr[c]:self.link_ptr[c + 1]]:
+                count[t] -= 1
+
+    def mask_set(self, t):
+        new = [c for c in self.members[self.member_ptr[t]:self.member_ptr[t + 1]] if not self.masked[c]]
+        for c in new:
+            self.mask(c)
+        self.left -= len(new)
+        self.chosen.append(('pathway', int(self.sets[t])))
+
+    def fitting_set(self):
+        """The next set of the ranking that fits, or None."""
+        ranking, count, left = self.ranking, self.count, self.left
+        while self.next_set < len(ranking) and not 0 < count[ranking[self.next_set]] <= left:
+            self.next_set += 1
+        return ranking[self.next_set] if self.next_set < len(ranking) else None
+
+    def result(self):
+        return np.flatnonzero(np.frombuffer(self.masked, np.uint8)), self.chosen
+
+
 def mask_by_units(rng, genes, n_target, units, masking='pathway', weights=(1.0, 1.0, 1.0)):
     """pathway and multiscale masking of one cell, whose candidates (its non-zero tokens) are the vocab genes `genes`
     -> (indices into genes, each once; the units masked, as (scale, id) pairs). A unit masks its candidates not
@@ -739,101 +795,87 @@ def mask_by_units(rng, genes, n_target, units, masking='pathway', weights=(1.0, 
     genomic order, on its chromosome: gene_units), its new genes masked in genomic order up to the budget, ('region',
     its start gene). Single genes always fit: with weights[0] > 0 exactly n_target genes are masked.
 
-    Each unit is plain Python over lists (numpy sets the cell up): exact, but about 10x nonzero's cost (README)."""
-    n, genes = len(genes), np.asarray(genes, np.int64)
-    masked, chosen, left = bytearray(n), [], n_target
+    Each unit is plain Python over lists (CellUnits): exact, but about 10x nonzero's cost (README)."""
     use_sets = units.n_sets > 0 and (masking == 'pathway' or weights[1] > 0)
-    if use_sets:   # the cell's sets: (candidate, set) links by candidate, and each set's candidates
-        starts, lengths = units.gene_ptr[genes], units.gene_ptr[genes + 1] - units.gene_ptr[genes]
-        link_set = gather_runs(units.gene_sets, starts, lengths)
-        links_of_set = np.bincount(link_set, minlength=units.n_sets)
-        sets = np.flatnonzero(links_of_set)                       # the sets holding a candidate, by id
-        local = np.zeros(units.n_sets, np.int64)
-        local[sets] = np.arange(len(sets))
-        link_set = local[link_set].astype(np.int16 if len(sets) < 1 << 15 else np.int32)   # -> indices into sets
-        members = np.repeat(np.arange(n), lengths)[np.argsort(link_set, kind='stable')].tolist()   # (a radix sort)
-        member_ptr = np.concatenate([[0], np.cumsum(links_of_set[sets])]).tolist()
-        link_ptr = np.concatenate([[0], np.cumsum(lengths)]).tolist()
-        count, link_set = links_of_set[sets].tolist(), link_set.tolist()   # count: the new genes of each set
-        ranking = rng.permutation(len(sets)).tolist()
-    next_set = 0
-
-    def mask(c):
-        masked[c] = 1
-        if use_sets:
-            for t in link_set[link_ptr[c]:link_ptr[c + 1]]:
-                count[t] -= 1
-
-    def mask_set(t):
-        nonlocal left
-        new = [c for c in members[member_ptr[t]:member_ptr[t + 1]] if not masked[c]]
-        for c in new:
-            mask(c)
-        left -= len(new)
-        chosen.append(('pathway', int(sets[t])))
-
-    def fitting_set():                                            # the next set of the ranking that fits, or None
-        nonlocal next_set
-        while next_set < len(ranking) and not 0 < count[ranking[next_set]] <= left:
-            next_set += 1
-        return ranking[next_set] if next_set < len(ranking) else None
-
+    cell = CellUnits(rng, genes, n_target, units, use_sets)
     if masking == 'pathway':
-        while use_sets and left > 0 and (t := fitting_set()) is not None:
-            mask_set(t)
-        if use_sets and left > 0:
-            new = np.array(count)[ranking]
-            new[new <= 0] = n + 1
-            k = int(np.argmin(new))                               # the fewest new genes, first ranked
-            if new[k] <= n and new[k] < 2 * left:
-                mask_set(ranking[k])
-        return np.flatnonzero(np.frombuffer(masked, np.uint8)), chosen
+        return mask_pathways(cell)
+    return mask_multiscale(cell, rng, units, weights)
 
-    gene_list = genes.tolist()
-    shuffled, next_gene = rng.permutation(n).tolist(), 0          # single genes: the candidates in random order
-    rank = units.rank[genes]
+
+def mask_pathways(cell):
+    """mask_by_units' pathway masking of a CellUnits."""
+    while cell.use_sets and cell.left > 0 and (t := cell.fitting_set()) is not None:
+        cell.mask_set(t)
+    if cell.use_sets and cell.left > 0 and cell.ranking:      # (no ranking: no candidate is in a set)
+        new = np.array(cell.count)[cell.ranking]
+        new[new <= 0] = cell.n + 1
+        k = int(np.argmin(new))                               # the fewest new genes, first ranked
+        if new[k] <= cell.n and new[k] < 2 * cell.left:
+            cell.mask_set(cell.ranking[k])
+    return cell.result()
+
+
+def candidate_regions(cell, units, weights):
+    """The candidates with known coordinates (none when regions weigh 0), and each one's region as (first, last):
+    region of candidate c = by_rank[first[c]:last[c]], by_rank being the placed candidates in genomic order."""
+    rank = units.rank[cell.genes]
     placed = np.flatnonzero(rank >= 0) if weights[2] > 0 else np.zeros(0, np.int64)
-    if len(placed):                                               # regions: the placed candidates in genomic order
-        by_rank = placed[np.argsort(rank[placed])]
-        first, last = np.zeros(n, np.int64), np.zeros(n, np.int64)   # region of candidate c: by_rank[first[c]:last[c]]
-        first[placed] = np.searchsorted(rank[by_rank], rank[placed])
-        last[placed] = np.searchsorted(rank[by_rank], units.region_end[rank[placed]])
-        first, last, by_rank = first.tolist(), last.tolist(), by_rank.tolist()
+    if not len(placed):
+        return placed, None, None, None
+    by_rank = placed[np.argsort(rank[placed])]
+    first, last = np.zeros(cell.n, np.int64), np.zeros(cell.n, np.int64)
+    first[placed] = np.searchsorted(rank[by_rank], rank[placed])
+    last[placed] = np.searchsorted(rank[by_rank], units.region_end[rank[placed]])
+    return placed, first.tolist(), last.tolist(), by_rank.tolist()
+
+
+def draw_scale(u, available):
+    """The scale whose share of [0, sum(available)) holds u (the last available one if round-off overshoots)."""
+    end, scale = 0.0, None
+    for k, share in enumerate(available):
+        end += share
+        if share > 0 and (u < end or scale is None):
+            scale = k
+            if u < end:
+                break
+    return scale
+
+
+def mask_multiscale(cell, rng, units, weights):
+    """mask_by_units' multiscale masking of a CellUnits: genes, gene sets and regions, mixed."""
+    n, gene_list, masked = cell.n, cell.genes.tolist(), cell.masked
+    shuffled, next_gene = rng.permutation(n).tolist(), 0          # single genes: the candidates in random order
+    placed, first, last, by_rank = candidate_regions(cell, units, weights)
     starts_left, next_start = rng.permutation(placed).tolist(), 0  # region starts, in random order
-    draws = rng.random(n_target).tolist()                         # one per unit at most: a unit masks >= 1 gene
-    while left > 0:
+    draws = rng.random(cell.left).tolist()                        # one per unit at most: a unit masks >= 1 gene
+    while cell.left > 0:
         while next_gene < n and masked[shuffled[next_gene]]:
             next_gene += 1
         while next_start < len(starts_left) and masked[starts_left[next_start]]:
             next_start += 1
-        t = fitting_set() if use_sets else None
+        t = cell.fitting_set() if cell.use_sets else None
         available = (weights[0] * (next_gene < n), weights[1] * (t is not None),
                      weights[2] * (next_start < len(starts_left)))
         total = sum(available)
         if total <= 0:
             break
-        u, end, scale = draws.pop() * total, 0.0, None            # the scale whose share of [0, total) holds u
-        for k, share in enumerate(available):
-            end += share
-            if share > 0 and (u < end or scale is None):
-                scale = k                                         # (the last available one if round-off overshoots)
-                if u < end:
-                    break
+        scale = draw_scale(draws.pop() * total, available)
         if scale == 0:
             c = shuffled[next_gene]
-            mask(c)
-            left -= 1
-            chosen.append(('gene', gene_list[c]))
+            cell.mask(c)
+            cell.left -= 1
+            cell.chosen.append(('gene', gene_list[c]))
         elif scale == 1:
-            mask_set(t)
+            cell.mask_set(t)
         else:
             c = starts_left[next_start]
-            new = [r for r in by_rank[first[c]:last[c]] if not masked[r]][:left]
+            new = [r for r in by_rank[first[c]:last[c]] if not masked[r]][:cell.left]
             for r in new:
-                mask(r)
-            left -= len(new)
-            chosen.append(('region', gene_list[c]))
-    return np.flatnonzero(np.frombuffer(masked, np.uint8)), chosen
+                cell.mask(r)
+            cell.left -= len(new)
+            cell.chosen.append(('region', gene_list[c]))
+    return cell.result()
 
 
 def choose_masked(rng, nonzero, mask_prob, masking='nonzero', genes=None, units=None, weights=(1.0, 1.0, 1.0)):
@@ -929,7 +971,9 @@ def quantile_bins(indptr, values, n_bins):
     lo, frac = np.floor(pos).astype(np.int64), pos - np.floor(pos)
     hi = np.minimum(lo + 1, np.maximum(lengths, 1)[:, None] - 1)
     start = indptr[:-1, None]
-    at = lambda i: sorted_vals[np.minimum(start + i, len(sorted_vals) - 1)]
+
+    def at(i):
+        return sorted_vals[np.minimum(start + i, len(sorted_vals) - 1)]
     edges = at(lo) + frac * (at(hi) - at(lo))                  # (B, n_bins - 1)
     bins = 1 + (edges[row] <= values[:, None]).sum(1)
     return np.where(values > 0, bins, 0).astype(np.int64)
@@ -946,7 +990,8 @@ def value_bins(indptr, values, log_base, value_emb, n_bins):
 def cell_seeds(indptr, indices, seed=0):
     """A seed per cell computed from its content (its expressed genes): evaluation and predict.py then pick the same
     genes of a cell whatever batch, file order or process it comes in."""
-    return [[seed, zlib.crc32(indices[indptr[i]:indptr[i + 1]].astype(np.int32).tobytes())] for i in range(len(indptr) - 1)]
+    return [[seed, zlib.crc32(indices[indptr[i]:indptr[i + 1]].astype(np.int32).tobytes())]
+            for i in range(len(indptr) - 1)]
 
 
 def expressed_batch(indptr, indices, values, seeds, cfg, log_base, mask_prob=0.0, replace_prob=0.9, masking='nonzero',

@@ -36,7 +36,8 @@ chunk = 4096  # cells read, processed and written at a time: memory stays bounde
 genome = ''  # gene table (.csv or .csv.gz: gene_id,gene_name,biotype,chromosome,start,end) -> annotation.h5 coordinates
 gene_sets = ''  # GMT files, comma-separated -> annotation.h5 pathways
 min_set_genes = 3  # keep gene sets with at least this many vocab genes (1 or 2 genes say nothing about a set)
-max_set_genes = 500  # ... and at most this many (near-universal ones, e.g. Reactome's Metabolism, say little about a gene)
+max_set_genes = 500  # ... and at most this many (near-universal ones, e.g. Reactome's Metabolism, say little
+                     # about a gene)
 annotate = ''  # a prepared dataset directory: only (re)write its annotation from --genome/--gene_sets, read no .h5ad
 _default_input = input
 

@@ -219,3 +219,18 @@ def test_bench_help_lines_are_not_padded_to_the_longest_default():
     assert all(len(line) <= 120 for line in settings if not line.startswith('  variants ='))
     assert "  dataset = 'data/pbmc68k'  # prepared dataset whose real cells are measured ('' = synthetic cells)" \
         in settings
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# pathway masking of a cell none of whose expressed genes is in a gene set
+
+def test_pathway_masking_of_a_cell_in_no_gene_set():
+    annotation = {'chrom': np.ones(6, np.int64), 'start': np.arange(1, 7), 'pathway_names': ['s0'],
+                  'pathway_ptr': np.array([0, 1, 2, 3, 3, 3, 3]), 'pathway_idx': np.zeros(3, np.int64)}
+    units = data.gene_units(annotation, 6)
+    picked, chosen = data.mask_by_units(np.random.default_rng(0), [3, 4, 5], 2, units, 'pathway')
+    assert len(picked) == 0 and chosen == []                 # nothing to mask by sets: nothing masked, no error
+    picked, chosen = data.mask_by_units(np.random.default_rng(0), [0, 1, 2, 5], 1, units, 'pathway')
+    assert chosen == [] and len(picked) == 0                  # its one set has 3 candidates: over twice the budget 1
+    picked, chosen = data.mask_by_units(np.random.default_rng(0), [0, 1, 2, 5], 2, units, 'pathway')
+    assert picked.tolist() == [0, 1, 2] and chosen == [('pathway', 0)]
