@@ -1,6 +1,8 @@
 """
 Single-cell data for nanoscBERT: reading .h5ad files with h5py, the normalization/vocab alignment shared by
-prepare_data.py and predict.py, the prepared dataset format, and scBERT's tokens and MLM masking.
+prepare_data.py and predict.py, the prepared dataset format, model_input (the one way cells become a model's input),
+scBERT's tokens and MLM masking, gene annotations, and preparing datasets (prepare_dataset, annotate_dataset,
+prepare_default_dataset: what prepare_data.py runs, and what train.py and bench.py call for the default dataset).
 
 A prepared dataset is a directory (written by prepare_data.py) holding
     data.h5    indptr int64 [n_cells+1], indices int32 [nnz] (vocab positions, ascending per cell), values float32 [nnz]
