@@ -11,7 +11,8 @@ MFU against this machine's own limit. What each design choice buys, measured.
     python bench.py --variants=out/best.pt,out/best_int8.pt,out/best_ternary.pt --dataset=data/baron1k   # quantize.py's
 
 Variants (--variants, comma-separated); from scbert2_dense to scbert2_moe each adds one thing:
-    scbert          the original scBERT: Performer (FAVOR+) over the full gene panel, width 200, 6 layers, 10 heads of 64
+    scbert          the original scBERT: Performer (FAVOR+) over the full gene panel, width 200, 6 layers, 10 heads
+                    of 64
     scbert_exact    the same with exact softmax attention, F.scaled_dot_product_attention (flash kernels where possible)
     scbert2_dense   scBERT 2.0 at the flagship's size (config/scbert2.py): expressed genes only, SDPA, RMSNorm, a
                     dense SwiGLU MLP, multi-head attention (8 key/value heads)
@@ -25,7 +26,7 @@ Variants (--variants, comma-separated); from scbert2_dense to scbert2_moe each a
     <path>_int8.pt  a quantized checkpoint of quantize.py (int8, or ternary packed at 1.6 bits), as stored
   modifiers, appended to any of them: +compile (torch.compile; the default is eager), +fp32, +bf16 (autocast; the
   run's default is fp32 on CPU, bf16 on CUDA), +fp16 (CUDA), +int8 and +ternary: the variant quantized after training
-  as quantize.py does (model.quantize: int8 or BitNet b1.58 weights, int8 activations per token; on CPU PyTorch's
+  as quantize.py does (lowbit.quantize: int8 or BitNet b1.58 weights, int8 activations per token; on CPU PyTorch's
   int8 GEMM, so fp32 only), inference only. Ternary's norm gains are left at 1: the speed is right, the accuracy is
   quantize.py's to measure.
 The scBERT 2.0 architectures are read from the config files, so the bench measures what train.py trains. n_embd,
@@ -71,7 +72,6 @@ import platform
 import re
 import resource
 import statistics
-import subprocess
 import sys
 import time
 import warnings
@@ -84,7 +84,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from data import Dataset, UserError, atomic_write, cell_seeds, expressed_batch, mask_tokens, scbert_tokens
+from data import Dataset, UserError, atomic_write, cell_seeds, model_input, prepare_default_dataset
 from lowbit import packed_state_dict, quantize
 from model import ModelConfig, ScBERT, as_bitlinear
 
@@ -110,12 +110,14 @@ device = 'auto'                # 'auto' | 'cpu' | 'cuda' | 'cuda:1' ...
 dtype = 'auto'                 # 'auto' (bfloat16 autocast on CUDA, float32 on CPU) | 'float32' | 'bfloat16' | 'float16'
 compile = False                # torch.compile every variant (or add +compile to one)
 num_threads = 0                # CPU threads (0 = PyTorch's default, one per core); the number used is recorded
-peak_flops = 0.0               # the peak FLOP/s for MFU, for every dtype (0 = measure a matmul on CPU, a GPU table on CUDA)
+peak_flops = 0.0               # the peak FLOP/s for MFU, for every dtype (0 = measure a matmul on CPU, a GPU table
+                               # on CUDA)
 mem_limit_gb = 0.0             # skip runs estimated to need more memory than this (0 = the memory available at start)
 flop_check = True              # cross-check the analytic FLOPs with torch.utils.flop_counter on one cell per variant
 profile = False                # print torch.profiler's top ops of each variant's biggest inference batch
 mask_cost = True               # scBERT 2.0: time the biggest inference batch with its padding mask against the same
-                               # shape with no padding (no mask: the flash kernel on GPU), and name SDPA's kernel for each
+                               # shape with no padding (no mask: the flash kernel on GPU), and name SDPA's kernel for
+                               # each
 scaling = False                # instead of the table: sweep synthetic cells of growing size (see above)
 scaling_genes = '500,1000,2000,4000'            # expressed genes per cell for the scBERT 2.0 variants
 scaling_panels = '1000,2000,4000,8000,16906'    # panel sizes for the scBERT variants
@@ -124,17 +126,19 @@ out = 'bench.json'             # every result as JSON ('' = none)
 plot = 'bench.png'             # cells/s and MFU per variant ('' = none)
 scaling_plot = 'bench_scaling.png'  # the sweep's plot ('' = none)
 # -----------------------------------------------------------------------------
-from configurator import configure  # noqa: E402
+from configurator import ConfigError, configure, read_config  # noqa: E402
 config = configure(globals())
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def architecture(config_file):
-    """The ModelConfig fields a train.py config file sets (it only assigns settings, so exec'ing it is safe)."""
-    scope = {}
-    exec(open(os.path.join(HERE, config_file)).read(), scope)
-    return {k: v for k, v in scope.items() if k in ModelConfig.__dataclass_fields__}
+    """The ModelConfig fields a train.py config file sets (read with configurator.read_config)."""
+    try:
+        settings = read_config(os.path.join(HERE, config_file))
+    except ConfigError as e:
+        raise UserError(str(e)) from None
+    return {k: v for k, v in settings.items() if k in ModelConfig.__dataclass_fields__}
 
 
 SCBERT = dict(n_embd=200, n_layer=6, n_head=10, dim_head=64, head='scbert')   # the original's architecture
@@ -205,7 +209,8 @@ if min(n_embd, n_layer, n_head, n_kv_head, dim_head, num_threads, n_classes) < 0
 for path in (out, plot, scaling_plot):   # fail now, not after the whole benchmark has run
     folder = os.path.dirname(os.path.abspath(path)) if path else ''
     if path and (os.path.isdir(path) or not os.path.isdir(folder)):
-        raise UserError(f"cannot write {path}: {'it is a directory' if os.path.isdir(path) else 'its folder does not exist'}"
+        why = 'it is a directory' if os.path.isdir(path) else 'its folder does not exist'
+        raise UserError(f"cannot write {path}: {why}"
                         f"; give a file path in an existing folder, or '' for none")
 
 if device == 'auto':
@@ -214,7 +219,8 @@ if not re.fullmatch(r'cpu|cuda(:\d+)?', device):
     raise UserError(f"device must be auto, cpu, cuda or cuda:N, not '{device}'")
 device_type = 'cuda' if 'cuda' in device else 'cpu'
 if device_type == 'cuda' and (torch.device(device).index or 0) >= torch.cuda.device_count():   # 0 without CUDA
-    raise UserError(f'device {device} asked for, but CUDA has {torch.cuda.device_count()} device(s) here (use --device=cpu)')
+    raise UserError(f'device {device} asked for, but CUDA has {torch.cuda.device_count()} device(s) here '
+                    f'(use --device=cpu)')
 if num_threads:
     torch.set_num_threads(num_threads)
 if dtype == 'auto':
@@ -225,7 +231,8 @@ for spec in specs:
         raise UserError(f"dtype must be float32, bfloat16 or float16 (float16 needs CUDA), not '{spec['dtype']}'")
     if spec['quant'] and device_type == 'cpu' and spec['dtype'] != 'float32':
         raise UserError(f"{spec['name']}: a quantized model runs PyTorch's int8 GEMM on CPU, which takes fp32 "
-                        f"activations; drop +{ {v: k for k, v in DTYPES.items()}[spec['dtype']]} or set --dtype=float32")
+                        f"activations; drop +{ {v: k for k, v in DTYPES.items()}[spec['dtype']]} or set "
+                        f"--dtype=float32")
 PT_DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
 torch.set_flush_denormal(True)  # exp() in FAVOR+ underflows to denormal floats, which slow CPU matmuls many-fold
 if any(spec['compile'] for spec in specs):
@@ -254,7 +261,7 @@ def forward_flops_per_cell(mc, lengths=None):
     """FLOPs of a forward pass by module, per cell on average over cells of `lengths` tokens each (default: scBERT's
     L = n_genes + 1): matmuls only, 2 per multiply-add, the real tokens only (padding is waste, not work)."""
     lengths = np.asarray(lengths if lengths is not None else [mc.seq_len], dtype=np.float64)
-    n_cells, L, L2 = len(lengths), lengths.mean(), (lengths ** 2).mean()    # per cell: tokens, and squared for attention
+    n_cells, L, L2 = len(lengths), lengths.mean(), (lengths ** 2).mean()   # per cell: tokens, squared for attention
     E, H, KV, D, m = mc.n_embd, mc.n_head, mc.n_kv_head, mc.dim_head, mc.nb_features
     ffn = 2 * E * mc.ff_hidden * (3 if mc.mlp == 'swiglu' else 2)            # one token through one MLP (or expert)
     per_layer = {'attn_proj': 2 * L * E * D * (2 * H + 2 * KV)}             # to_q, to_out (H heads); to_k, to_v (KV)
@@ -271,7 +278,7 @@ def forward_flops_per_cell(mc, lengths=None):
         R = 2 * mc.n_pos_buckets + 1            # q·K^r and k·Q^r against all R of them, per token and head
         per_layer['disentangled'] = 2 * R * E * H * D * 2 / n_cells + 2 * H * L * D * R * 2
     flops = {k: v * mc.n_layer for k, v in per_layer.items()}
-    if getattr(mc, 'embd_factor', 0):           # ALBERT's factorized gene embedding: each token's E -> n_embd projection
+    if getattr(mc, 'embd_factor', 0):           # ALBERT's factorized gene embedding: each token's E -> n_embd
         flops['gene_emb_proj'] = 2 * L * mc.embd_factor * E
     if mc.input_genes == 'expressed' and mc.value_emb == 'continuous':     # auto-discretization of each gene's value
         B = mc.n_bins
@@ -320,10 +327,11 @@ def memory_estimate(mc, n_params, batch, training, backend, L=None):
     gradients and AdamW's two moments), and the activations of one layer (inference) or of every layer (training keeps
     them for backward). Only a guard against runs that cannot fit; the measured peak is reported beside it."""
     L, H = L or mc.seq_len, mc.n_head
-    per_layer = batch * L * (6 * mc.n_embd + 4 * H * mc.dim_head + 2 * mc.ff_mult * mc.n_embd   # residual, norms, q k v, MLP
+    # residual, norms, q k v, MLP
+    per_layer = batch * L * (6 * mc.n_embd + 4 * H * mc.dim_head + 2 * mc.ff_mult * mc.n_embd
                              * max(1, mc.n_expert_active if mc.n_expert else 1))
     if mc.attention == 'performer':
-        per_layer += batch * H * L * mc.nb_features * 6   # FAVOR+ features (B, H, L, m): w·x, exp, +eps; queries and keys
+        per_layer += batch * H * L * mc.nb_features * 6   # FAVOR+ features (B, H, L, m): w·x, exp, +eps; q and k
     elif backend == 'MATH' or getattr(mc, 'disentangled', False):
         per_layer += batch * H * L * L * 2                # exact scores and their softmax, (B, H, L, L) each
     if getattr(mc, 'disentangled', False):
@@ -391,7 +399,8 @@ def cpu_info():
     def field(key):
         found = re.search(rf'^{key}\s*:\s*(.*)$', text, re.M)
         return found[1].strip() if found else '?'
-    simd = sorted(set(re.findall(r'\b(avx2|avx512f|avx512_bf16|avx512_fp16|avx512_vnni|amx_\w+|sve|asimd)\b', field('flags'))))
+    simd = sorted(set(re.findall(r'\b(avx2|avx512f|avx512_bf16|avx512_fp16|avx512_vnni|amx_\w+|sve|asimd)\b',
+                                 field('flags'))))
     return {'cpu': field('model name'), 'cpu_family_model': f"{field('cpu family')}/{field('model')}", 'cpu_simd': simd}
 
 
@@ -446,7 +455,8 @@ def peak_of(dt):
         else:
             sample = matmul_peak(dt)
             peaks[dt] = {'flops': sample, 'samples': [sample], 'source': f'measured: the fastest {dt} matmul of '
-                         f'2048x2048 (CPU) or 8192x8192 (GPU), at the start and at the end, {machine["threads"]} thread(s)'
+                         f'2048x2048 (CPU) or 8192x8192 (GPU), at the start and at the end, '
+                         f'{machine["threads"]} thread(s)'
                          + (f'; {device_name} is not in the table, set --peak_flops' if device_type == 'cuda' else '')}
     return peaks[dt]['flops']
 
@@ -457,14 +467,16 @@ mem_kind = ('CUDA max allocated, per run' if device_type == 'cuda' else
             'process peak RSS, reset before each run' if reset_peak_memory() else
             'process peak RSS since start (a high-water mark: read it in run order, top to bottom)')
 print(f"{device_name} | {machine['threads']} thread(s) | torch {torch.__version__} | {dtype} | "
-      f"peak {peaks[dtype]['flops'] / 1e9:.1f} GFLOP/s ({peaks[dtype]['source']}) | load {machine['load_avg_start'][0]:.2f}")
+      f"peak {peaks[dtype]['flops'] / 1e9:.1f} GFLOP/s ({peaks[dtype]['source']}) | "
+      f"load {machine['load_avg_start'][0]:.2f}")
 
 
 # -----------------------------------------------------------------------------
 # the cells: CSR (indptr, indices, values) over a panel of genes
 
 def synthetic_cells(n_cells, n_panel, n_expressed, rng):
-    """n_cells cells with n_expressed distinct genes each of an n_panel panel, log-normalized values ~ 0.1 + Exp(1.5)."""
+    """n_cells cells with n_expressed distinct genes each of an n_panel panel, log-normalized values ~ 0.1 +
+    Exp(1.5)."""
     ind = np.concatenate([np.sort(rng.choice(n_panel, n_expressed, replace=False)) for _ in range(n_cells)])
     indptr = np.arange(n_cells + 1, dtype=np.int64) * n_expressed
     return indptr, ind.astype(np.int32), (rng.exponential(1.5, len(ind)) + 0.1).astype(np.float32)
@@ -482,55 +494,55 @@ def onto_panel(csr, from_genes, to_genes):
         order = keep[np.argsort(new[keep], kind='stable')]       # each cell's genes ascending, as prepare_data.py's
         rows.append((new[order], values[a:b][order]))
     return (np.concatenate([[0], np.cumsum([len(r[0]) for r in rows])]).astype(np.int64),
-            np.concatenate([r[0] for r in rows]).astype(np.int32), np.concatenate([r[1] for r in rows]).astype(np.float32))
+            np.concatenate([r[0] for r in rows]).astype(np.int32),
+            np.concatenate([r[1] for r in rows]).astype(np.float32))
 
 
-def model_input(mc, cells, batch, max_genes=None, masked=False):
-    """The first `batch` cells as the model reads them, on the device, and each cell's token count. scBERT: the whole
-    panel binned, (B, n_genes + 1); scBERT 2.0: the expressed genes (evaluation's fixed subsets), a dict of (B, 1 + T).
-    masked=True: masked as for pretraining (15%), and the MLM targets as a third value."""
+def bench_input(mc, cells, batch, max_genes=None, masked=False):
+    """The first `batch` cells as the model reads them (data.model_input), on the device, and each cell's token count.
+    scBERT: the whole panel binned, (B, n_genes + 1); scBERT 2.0: the expressed genes (evaluation's fixed subsets),
+    a dict of (B, 1 + T). masked=True: masked as for pretraining (15% of the expressed genes), and the MLM targets as
+    a third value."""
     indptr, indices, values = cells['csr']
     indptr = indptr[:batch + 1]
     indices, values = indices[:indptr[-1]], values[:indptr[-1]]
-    if mc.input_genes == 'expressed':
-        cfg = mc if max_genes is None else replace(mc, max_genes=max_genes)
-        x = expressed_batch(indptr, indices, values, cell_seeds(indptr, indices, seed), cfg, cells['log_base'],
-                            mask_prob=0.15 if masked else 0.0)
-        x = {k: v.to(device) for k, v in x.items()}
-        lengths = 1 + (x['genes'] >= 0).sum(1).cpu().numpy()
-        if masked:
-            return x, lengths, {'bins': x.pop('target_bins'), 'values': x.pop('target_values')}
-        return x, lengths
-    dense = np.zeros((batch, mc.n_genes), dtype=np.float32)
-    dense[np.repeat(np.arange(batch), np.diff(indptr)), indices] = values
-    tokens = scbert_tokens(torch.from_numpy(dense), cells['log_base'], mc.n_bins)
-    if masked:
-        tokens, targets = mask_tokens(tokens, mask_id=mc.mask_id, generator=torch.Generator().manual_seed(seed))
-        return tokens.to(device), np.full(batch, mc.seq_len), targets.to(device)
-    return tokens.to(device), np.full(batch, mc.seq_len)
+    expressed = mc.input_genes == 'expressed'
+    cfg = replace(mc, max_genes=max_genes) if expressed and max_genes is not None else mc
+    x = model_input((indptr, indices, values), cfg, cells['log_base'], seeds=cell_seeds(indptr, indices, seed),
+                    mask_prob=0.15 if masked else 0.0)
+    x, targets = x if masked else (x, None)
+    x, targets = to_device(x), to_device(targets)
+    lengths = 1 + (x['genes'] >= 0).sum(1).cpu().numpy() if expressed else np.full(batch, mc.seq_len)
+    return (x, lengths, targets) if masked else (x, lengths)
 
 
-if not scaling and dataset:
-    if not os.path.exists(os.path.join(dataset, 'meta.json')) and os.path.normpath(dataset) == os.path.join('data', 'pbmc68k'):
-        print(f'{dataset} is missing: preparing it from the embedded data/pbmc68k_reduced.h5ad')
-        result = subprocess.run([sys.executable, os.path.join(HERE, 'prepare_data.py'), f'--out_dir={dataset}',
-                                 f'--input={os.path.join(HERE, "data", "pbmc68k_reduced.h5ad")}'])
-        if result.returncode != 0:
-            sys.exit(result.returncode)
-    source = Dataset(dataset, preload=False)   # read only the sampled cells
+def to_device(x):
+    """A tensor or a dict of tensors (or None) on the device."""
+    if isinstance(x, dict):
+        return {k: v.to(device) for k, v in x.items()}
+    return x.to(device) if x is not None else None
+
+
+def sample_cells():
+    """The cells every variant reads: the same fixed random sample of the dataset (the default one prepared on first
+    use), enough for the biggest batch; or synthetic cells with dataset=''."""
     n_sample = max(batch_list + ([train_batch_size] if train else []))
+    if not dataset:
+        return {'csr': synthetic_cells(n_sample, n_genes, max(1, int(expressed_frac * n_genes)),
+                                       np.random.default_rng(seed)),
+                'genes': None, 'n_genes': n_genes, 'log_base': 2.0,
+                'source': f'{n_sample} synthetic cells, {expressed_frac:.0%} of {n_genes} genes expressed'}
+    prepare_default_dataset(dataset)
+    source = Dataset(dataset, preload=False)   # read only the sampled cells
     sample = np.sort(np.random.default_rng(seed).choice(source.n_cells, min(n_sample, source.n_cells), replace=False))
     sample = np.resize(sample, n_sample)                     # a small dataset repeats cells for the biggest batch
     n_distinct = min(n_sample, source.n_cells)
-    dataset_cells = {'csr': source.rows(sample), 'genes': source.vocab, 'log_base': source.log_base,
-                     'source': f'{n_sample} cells of {dataset}' if n_distinct == n_sample else
-                     f'{n_distinct} cells of {dataset}, repeated to {n_sample}'}
-elif not scaling:
-    n_sample = max(batch_list + ([train_batch_size] if train else []))
-    dataset_cells = {'csr': synthetic_cells(n_sample, n_genes, max(1, int(expressed_frac * n_genes)),
-                                            np.random.default_rng(seed)),
-                     'genes': None, 'n_genes': n_genes, 'log_base': 2.0,
-                     'source': f'{n_sample} synthetic cells, {expressed_frac:.0%} of {n_genes} genes expressed'}
+    return {'csr': source.rows(sample), 'genes': source.vocab, 'log_base': source.log_base,
+            'source': f'{n_sample} cells of {dataset}' if n_distinct == n_sample else
+            f'{n_distinct} cells of {dataset}, repeated to {n_sample}'}
+
+
+dataset_cells = sample_cells() if not scaling else None
 
 
 # -----------------------------------------------------------------------------
@@ -579,12 +591,14 @@ def build(spec, cells):
         if genes is None or cells['genes'] is None:                   # no names to match: synthetic cells on its panel
             n_cells, n_expr = len(cells['csr'][0]) - 1, max(1, int(expressed_frac * mc.n_genes))
             cells = {'csr': synthetic_cells(n_cells, mc.n_genes, n_expr, np.random.default_rng(seed)), 'genes': None,
-                     'log_base': 2.0, 'source': f'{n_cells} synthetic cells, {n_expr} of its {mc.n_genes} genes expressed'}
+                     'log_base': 2.0,
+                     'source': f'{n_cells} synthetic cells, {n_expr} of its {mc.n_genes} genes expressed'}
             notes.append('synthetic cells: ' + ('an original checkpoint has no gene names' if genes is None else
                                                 'dataset is empty, so there are no real cells to map onto its genes'))
         elif list(cells['genes']) != genes:
             mapped = onto_panel(cells['csr'], cells['genes'], genes)
-            cells = dict(cells, csr=mapped, genes=genes, source=cells['source'] + f", on the checkpoint's {len(genes)} genes")
+            cells = dict(cells, csr=mapped, genes=genes,
+                         source=cells['source'] + f", on the checkpoint's {len(genes)} genes")
             if len(mapped[1]) == 0:
                 raise UserError(f"the sampled cells of {dataset} express none of {spec['ckpt']}'s genes; bench it on "
                                 f"the data it was trained for")
@@ -631,6 +645,116 @@ def train_step_fn(model, raw_model, x, targets, dt):
     return step
 
 
+def variant_row(spec, raw_model, cells, notes, batch, max_genes, first_batch):
+    """The row of a variant before its measurements: its size, tokens and FLOPs per cell (over the first `batch`
+    cells), SDPA's kernel at the first batch size, its config; and prints its header line."""
+    mc, dt = raw_model.config, spec['dtype']
+    _, lengths = bench_input(mc, cells, batch, max_genes)
+    flops = forward_flops_per_cell(mc, lengths)
+    fwd = sum(flops.values())
+    backend = sdpa_backend(mc, first_batch, dt) if mc.attention == 'sdpa' else None
+    row = {'variant': spec['name'], 'attention': mc.attention, 'dtype': dt, 'compiled': spec['compile'],
+           'checkpoint': spec['ckpt'], 'params': raw_model.num_params(), 'params_active': raw_model.num_active_params(),
+           'params_active_no_embeddings': raw_model.num_active_params(embeddings=False), 'cells': cells['source'],
+           'tokens_per_cell': float(np.mean(lengths)),
+           'flops_per_cell': {'forward': fwd, 'train': 3 * fwd, 'by_module': flops},
+           'model_config': asdict(mc), 'sdpa_backend': backend, 'inference': [], 'train': None, 'notes': notes,
+           'quantization': raw_model.quantization,     # the bytes of its weights as a checkpoint stores them:
+           'weights_mb': sum(t.numel() * t.element_size() for t in packed_state_dict(raw_model).values()) / 2**20}
+    print(f"\n{spec['name']}: {row['params'] / 1e6:.2f}M parameters ({row['params_active'] / 1e6:.2f}M active per "
+          f"token), {row['tokens_per_cell']:.0f} tokens and {fwd / 1e9:.3g} GFLOP per cell forward; {row['cells']}; "
+          f"{dt}{', compiled' if spec['compile'] else ''}{', SDPA ' + backend if backend else ''}")
+    return row
+
+
+def check_flops(row, raw_model, cells, max_genes):
+    """Cross-check the analytic FLOPs of one cell with torch.utils.flop_counter (row['flop_check']), or say why not."""
+    mc = raw_model.config
+    if raw_model.quantization:
+        row['notes'].append("FLOPs not cross-checked: torch.utils.flop_counter does not see PyTorch's int8 kernels")
+        return
+    x1, _ = bench_input(mc, cells, 1, max_genes)
+    # the input's full length: a cell without genes still has one padding column, which the counter sees
+    length = 1 + x1['genes'].shape[1] if mc.input_genes == 'expressed' else mc.seq_len
+    if memory_estimate(mc, row['params'], 1, False, 'MATH', length) > mem_limit:
+        row['notes'].append('FLOPs not cross-checked: the math kernel would not fit in memory at this length')
+        return
+    raw_model.eval()
+    check = row['flop_check'] = count_flops(raw_model, mc, x1, length)
+    ratios = ', '.join(f"{k} x{v['counted'] / v['analytic']:.4f}" for k, v in check['by_module'].items()
+                       if v['analytic'])
+    print(f"  FLOPs of one cell: torch.utils.flop_counter {check['counted'] / 1e9:.4g} G, ours "
+          f"{check['analytic'] / 1e9:.4g} G: {'match' if check['match'] else 'MISMATCH'} ({ratios})")
+
+
+def inference_step(model, x, dt):
+    @torch.no_grad()
+    def step():
+        with autocast(dt):
+            model(x)
+    return step
+
+
+def measure(kind, batch, model, raw_model, cells, max_genes, row, spec):
+    """One run: inference or a training step at this batch size -> (its result dict, the step run; None when the
+    run was skipped as too big for memory)."""
+    mc, dt, backend = raw_model.config, spec['dtype'], row['sdpa_backend']
+    pretraining = kind == 'train' and mc.n_classes == 0        # a pretrained model trains by masked modelling
+    x, batch_lengths, *targets = bench_input(mc, cells, batch, max_genes, masked=pretraining)
+    needed = memory_estimate(mc, row['params'], batch, kind == 'train', backend, int(max(batch_lengths)))
+    run_flops = sum(forward_flops_per_cell(mc, batch_lengths).values()) * (3 if kind == 'train' else 1)
+    result = {'batch_size': batch, 'flops_per_cell': run_flops}
+    if needed > mem_limit:
+        note = (f"{kind} at batch {batch} skipped: needs ~{needed / 2**30:.1f} GB"
+                f"{' (L² scores: SDPA uses its math kernel)' if backend == 'MATH' else ''}, "
+                f"{mem_limit / 2**30:.3g} GB available")
+        row['notes'].append(note)
+        print(f'  {note}')
+        result['skipped'] = note
+        return result, None
+    if kind == 'inference':
+        raw_model.eval()
+        step = inference_step(model, x, dt)
+    else:
+        raw_model.train()
+        if not pretraining:                                 # random labels
+            g = torch.Generator().manual_seed(seed)
+            targets = [torch.randint(0, mc.n_classes, (batch,), generator=g).to(device)]
+        step = train_step_fn(model, raw_model, x, targets[0], dt)
+    gc.collect()
+    reset_peak_memory()
+    times, first = timed(step)
+    median = statistics.median(times)
+    result.update({'time_s': spread(times), 'first_run_s': first, 'cells_per_s': batch / median,
+                   'latency_ms_per_cell': spread(times, 1e3 / batch), 'flops_per_s': run_flops * batch / median,
+                   'mfu': None, 'peak_mem_mb': peak_memory_mb(), 'mem_estimate_mb': needed / 2**20})
+    print(f"  {kind} batch {batch}: {result['cells_per_s']:.3g} cells/s, "
+          f"{result['latency_ms_per_cell']['median']:.3g} ms per cell, {result['flops_per_s'] / 1e9:.3g} GFLOP/s"
+          + (f" (first run {first:.1f} s, with compilation)" if spec['compile'] else ''))
+    return result, step
+
+
+def measure_mask_cost(model, raw_model, cells, batch, max_genes, dt):
+    """The padding mask's cost: the same (B, 1 + T) shape twice, the real batch, whose padding needs a mask, and the
+    batch with its padding turned into real tokens (gene 0, value 0), which needs none. (With MoE the unmasked run
+    also sends those tokens through the experts, so its ratio understates the mask's cost.)"""
+    mc = raw_model.config
+    x, _ = bench_input(mc, cells, batch, max_genes)
+    x = {k: F.pad(v, (0, 1), value=-1 if k == 'genes' else 0) for k, v in x.items()}   # at least one padding column
+    padded, full = x, dict(x, genes=x['genes'].clamp(min=0))
+    raw_model.eval()
+    cost = {'batch_size': batch, 'tokens': 1 + x['genes'].shape[1],
+            'padding_share': float((x['genes'] < 0).float().mean())}
+    for label, inputs, has_mask in (('masked', padded, True), ('unmasked', full, None)):
+        cost[f'{label}_s'] = statistics.median(timed(inference_step(model, inputs, dt))[0])
+        cost[f'{label}_kernel'] = sdpa_backend(mc, batch, dt, has_mask)
+    cost['ratio'] = cost['masked_s'] / cost['unmasked_s']
+    print(f"  padding mask: {cost['masked_s'] * 1e3:.1f} ms with it ({cost['masked_kernel']}) vs "
+          f"{cost['unmasked_s'] * 1e3:.1f} ms without ({cost['unmasked_kernel']}) at batch {cost['batch_size']} x "
+          f"{cost['tokens']} tokens ({cost['padding_share']:.0%} padding): x{cost['ratio']:.2f}")
+    return cost
+
+
 def bench_variant(spec, cells, batches, train_batch, max_genes=None, extras=True):
     """Every measurement of one variant on `cells`. max_genes overrides the config's cap (the sweep reads all genes);
     extras: the FLOP-counter check, the padding mask's cost and the profile."""
@@ -648,118 +772,40 @@ def bench_variant(spec, cells, batches, train_batch, max_genes=None, extras=True
     expressed = mc.input_genes == 'expressed'
     if cells['csr'][0][-1] == 0 and expressed:
         raise UserError(f"the cells express none of the model's genes; bench {name} on another dataset")
-    _, lengths = model_input(mc, cells, max(batches + [train_batch]), max_genes)
-    flops = forward_flops_per_cell(mc, lengths)
-    fwd = sum(flops.values())
-    backend = sdpa_backend(mc, batches[0], dt) if mc.attention == 'sdpa' else None
-    row = {'variant': name, 'attention': mc.attention, 'dtype': dt, 'compiled': spec['compile'],
-           'checkpoint': spec['ckpt'], 'params': raw_model.num_params(), 'params_active': raw_model.num_active_params(),
-           'params_active_no_embeddings': raw_model.num_active_params(embeddings=False), 'cells': cells['source'],
-           'tokens_per_cell': float(np.mean(lengths)), 'flops_per_cell': {'forward': fwd, 'train': 3 * fwd, 'by_module': flops},
-           'model_config': asdict(mc), 'sdpa_backend': backend, 'inference': [], 'train': None, 'notes': notes,
-           'quantization': raw_model.quantization,     # the bytes of its weights as a checkpoint stores them:
-           'weights_mb': sum(t.numel() * t.element_size() for t in packed_state_dict(raw_model).values()) / 2**20}
-    print(f"\n{name}: {row['params'] / 1e6:.2f}M parameters ({row['params_active'] / 1e6:.2f}M active per token), "
-          f"{row['tokens_per_cell']:.0f} tokens and {fwd / 1e9:.3g} GFLOP per cell forward; {row['cells']}; "
-          f"{dt}{', compiled' if spec['compile'] else ''}{', SDPA ' + backend if backend else ''}")
-    if extras and flop_check and raw_model.quantization:
-        row['notes'].append("FLOPs not cross-checked: torch.utils.flop_counter does not see PyTorch's int8 kernels")
-    elif extras and flop_check:
-        x1, _ = model_input(mc, cells, 1, max_genes)
-        # the input's full length: a cell without genes still has one padding column, which the counter sees
-        length = 1 + x1['genes'].shape[1] if expressed else mc.seq_len
-        if memory_estimate(mc, row['params'], 1, False, 'MATH', length) > mem_limit:
-            row['notes'].append('FLOPs not cross-checked: the math kernel would not fit in memory at this length')
-        else:
-            raw_model.eval()
-            check = row['flop_check'] = count_flops(raw_model, mc, x1, length)
-            ratios = ', '.join(f"{k} x{v['counted'] / v['analytic']:.4f}" for k, v in check['by_module'].items()
-                               if v['analytic'])
-            print(f"  FLOPs of one cell: torch.utils.flop_counter {check['counted'] / 1e9:.4g} G, ours "
-                  f"{check['analytic'] / 1e9:.4g} G: {'match' if check['match'] else 'MISMATCH'} ({ratios})")
+    row = variant_row(spec, raw_model, cells, notes, max(batches + [train_batch]), max_genes, batches[0])
+    if extras and flop_check:
+        check_flops(row, raw_model, cells, max_genes)
     profiled = None
     jobs = [('inference', b) for b in batches] + ([('train', train_batch)] if train_batch else [])
     for kind, batch in jobs:
-        pretraining = kind == 'train' and mc.n_classes == 0        # a pretrained model trains by masked modelling
-        x, batch_lengths, *targets = model_input(mc, cells, batch, max_genes, masked=pretraining)
-        needed = memory_estimate(mc, row['params'], batch, kind == 'train', backend, int(max(batch_lengths)))
-        run_flops = sum(forward_flops_per_cell(mc, batch_lengths).values()) * (3 if kind == 'train' else 1)
-        result = {'batch_size': batch, 'flops_per_cell': run_flops}
-        if needed > mem_limit:
-            note = (f"{kind} at batch {batch} skipped: needs ~{needed / 2**30:.1f} GB"
-                    f"{' (L² scores: SDPA uses its math kernel)' if backend == 'MATH' else ''}, "
-                    f"{mem_limit / 2**30:.3g} GB available")
-            row['notes'].append(note)
-            print(f'  {note}')
-            result['skipped'] = note
-        else:
-            if kind == 'inference':
-                raw_model.eval()
-
-                @torch.no_grad()
-                def step():
-                    with autocast(dt):
-                        model(x)
-            else:
-                raw_model.train()
-                if not pretraining:                                 # random labels
-                    g = torch.Generator().manual_seed(seed)
-                    targets = [torch.randint(0, mc.n_classes, (batch,), generator=g).to(device)]
-                step = train_step_fn(model, raw_model, x, targets[0], dt)
-            gc.collect()
-            reset_peak_memory()
-            times, first = timed(step)
-            median = statistics.median(times)
-            result.update({'time_s': spread(times), 'first_run_s': first, 'cells_per_s': batch / median,
-                           'latency_ms_per_cell': spread(times, 1e3 / batch), 'flops_per_s': run_flops * batch / median,
-                           'mfu': None, 'peak_mem_mb': peak_memory_mb(), 'mem_estimate_mb': needed / 2**20})
-            print(f"  {kind} batch {batch}: {result['cells_per_s']:.3g} cells/s, "
-                  f"{result['latency_ms_per_cell']['median']:.3g} ms per cell, {result['flops_per_s'] / 1e9:.3g} GFLOP/s"
-                  + (f" (first run {first:.1f} s, with compilation)" if spec['compile'] else ''))
-            if kind == 'inference':
-                profiled = (f'{name} inference, batch {batch}', step)    # the biggest inference batch that ran
+        result, step = measure(kind, batch, model, raw_model, cells, max_genes, row, spec)
         if kind == 'inference':
             row['inference'].append(result)
+            if step:
+                profiled = (f'{name} inference, batch {batch}', step)    # the biggest inference batch that ran
         else:
             row['train'] = result
     if extras and profile and profiled:
         raw_model.eval()                                            # (the training step left it in train mode)
         print_profile(*profiled)
     if extras and expressed and mask_cost and not any('skipped' in r for r in row['inference']):
-        # The same (B, 1 + T) shape twice: the real batch, whose padding needs a mask, and the batch with its padding
-        # turned into real tokens (gene 0, value 0), which needs none. The difference is what the mask costs. (With
-        # MoE the unmasked run also sends those tokens through the experts, so its ratio understates the mask's cost.)
-        x, _ = model_input(mc, cells, batches[-1], max_genes)
-        x = {k: F.pad(v, (0, 1), value=-1 if k == 'genes' else 0) for k, v in x.items()}   # at least one padding column
-        padded, full = x, dict(x, genes=x['genes'].clamp(min=0))
-        raw_model.eval()
-        cost = {'batch_size': batches[-1], 'tokens': 1 + x['genes'].shape[1],
-                'padding_share': float((x['genes'] < 0).float().mean())}
-        for label, inputs, has_mask in (('masked', padded, True), ('unmasked', full, None)):
-            @torch.no_grad()
-            def step():
-                with autocast(dt):
-                    model(inputs)
-            cost[f'{label}_s'] = statistics.median(timed(step)[0])
-            cost[f'{label}_kernel'] = sdpa_backend(mc, batches[-1], dt, has_mask)
-        cost['ratio'] = cost['masked_s'] / cost['unmasked_s']
-        row['mask_cost'] = cost
-        print(f"  padding mask: {cost['masked_s'] * 1e3:.1f} ms with it ({cost['masked_kernel']}) vs "
-              f"{cost['unmasked_s'] * 1e3:.1f} ms without ({cost['unmasked_kernel']}) at batch {cost['batch_size']} x "
-              f"{cost['tokens']} tokens ({cost['padding_share']:.0%} padding): x{cost['ratio']:.2f}")
+        row['mask_cost'] = measure_mask_cost(model, raw_model, cells, batches[-1], max_genes, dt)
     peak_of(dt)                         # a bf16 variant on CPU measures the bf16 matmul peak
     return row
 
 
 def runs_of(row):
-    return [('inference', r) for r in row.get('inference', [])] + ([('train', row['train'])] if row.get('train') else [])
+    """(kind, result) of each run of a row: inference at each batch size, then training."""
+    return [('inference', r) for r in row.get('inference', [])] + ([('train', row['train'])] if row.get('train')
+                                                                    else [])
 
 
 # -----------------------------------------------------------------------------
 # the variants, side by side
 
-results, sweep = [], []
-if not scaling:
+def run_variants():
+    """Every variant on the dataset's (or synthetic) cells -> their rows."""
+    results = []
     for spec in specs:
         results.append(bench_variant(spec, dataset_cells, batch_list, train_batch_size if train else 0))
         if spec['compile']:
@@ -767,9 +813,12 @@ if not scaling:
         gc.collect()
         if device_type == 'cuda':
             torch.cuda.empty_cache()
-else:
-    # the sweep: synthetic cells, more genes per cell at each point
-    rng = np.random.default_rng(seed)
+    return results
+
+
+def run_sweep():
+    """The sweep: synthetic cells, more genes per cell at each point -> a row per variant and size."""
+    rng, sweep = np.random.default_rng(seed), []
     for spec in specs:
         if spec['ckpt']:
             print(f"\n{spec['name']}: not swept (a checkpoint has a fixed panel)")
@@ -784,30 +833,37 @@ else:
             row.update(sweep_size=size, sweep_axis='panel genes' if panel_model else 'expressed genes')
             sweep.append(row)
             gc.collect()
+    return sweep
+
 
 # -----------------------------------------------------------------------------
 # MFU, the tables, the plots and the JSON
 
-for dt, p in peaks.items():          # the peak again at the end; the faster of the two counts
-    if p['samples']:
-        p['samples'].append(matmul_peak(dt))
-        p['flops'] = max(p['samples'])
-for row in results + sweep:
-    for _, r in runs_of(row):
-        if 'flops_per_s' in r:
-            r['mfu'] = r['flops_per_s'] / peaks[row['dtype']]['flops']
-machine['load_avg_end'] = os.getloadavg()
+def set_mfu(rows):
+    """The peak again at the end (the faster of the two counts), then each run's MFU against it."""
+    for dt, p in peaks.items():
+        if p['samples']:
+            p['samples'].append(matmul_peak(dt))
+            p['flops'] = max(p['samples'])
+    for row in rows:
+        for _, r in runs_of(row):
+            if 'flops_per_s' in r:
+                r['mfu'] = r['flops_per_s'] / peaks[row['dtype']]['flops']
+    machine['load_avg_end'] = os.getloadavg()
 
 
 def fmt(v, digits=3):
     return f'{v:.{digits}g}' if v is not None else ''
 
 
-if results:
+def print_variant_table(results):
+    """One row per variant: size, work per cell, cells/s, MFU, speed-up, weights and memory; then each quantized
+    variant against its float twin."""
     base = next((r for r in results if r.get('inference') and 'cells_per_s' in r['inference'][-1]), None)
     print(f"\n| variant | params (active) | tokens per cell | GFLOP per cell | cells/s, inference b{batch_list[0]} | "
-          f"cells/s, inference b{batch_list[-1]} | cells/s, training b{train_batch_size if train else '-'} | inference MFU | "
-          f"vs {base['variant'] if base else 'the first'} (inference b{batch_list[-1]}) | weights MB | peak MB |")
+          f"cells/s, inference b{batch_list[-1]} | cells/s, training b{train_batch_size if train else '-'} | "
+          f"inference MFU | vs {base['variant'] if base else 'the first'} (inference b{batch_list[-1]}) | "
+          f"weights MB | peak MB |")
     print('|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|')
     for row in results:
         inf = {r['batch_size']: r for r in row['inference']}
@@ -827,20 +883,28 @@ if results:
             ratios = ' / '.join(f"{q.get('cells_per_s', 0) / f['cells_per_s']:.2f}x" for q, f in
                                 zip(row['inference'], twin['inference']) if 'cells_per_s' in f)
             print(f"{row['variant']}: {ratios} the inference cells/s of {twin['variant']} (batch "
-                  f"{' / '.join(str(b) for b in batch_list)}); weights {twin['weights_mb'] / row['weights_mb']:.1f}x smaller")
+                  f"{' / '.join(str(b) for b in batch_list)}); weights "
+                  f"{twin['weights_mb'] / row['weights_mb']:.1f}x smaller")
+
+
+def print_runs_table(results):
+    """One row per run (inference at each batch size, training)."""
     print('\n| variant | run | batch | cells/s | ms per cell (min-max) | GFLOP per cell | GFLOP/s | MFU | peak MB |')
     print('|---|---|---:|---:|---:|---:|---:|---:|---:|')
     for row in results:
         for kind, r in runs_of(row):
             gflop = r['flops_per_cell'] / 1e9
             if 'skipped' in r:
-                print(f"| {row['variant']} | {kind} | {r['batch_size']} | skipped: too big for memory | | {gflop:.3g} | | | |")
+                print(f"| {row['variant']} | {kind} | {r['batch_size']} | skipped: too big for memory | | "
+                      f"{gflop:.3g} | | | |")
                 continue
             lat = r['latency_ms_per_cell']
             print(f"| {row['variant']} | {kind} | {r['batch_size']} | {r['cells_per_s']:.3g} | {lat['median']:.3g} "
-                  f"({lat['min']:.3g}-{lat['max']:.3g}) | {gflop:.3g} | {r['flops_per_s'] / 1e9:.3g} | {r['mfu']:.1%} | "
-                  f"{r['peak_mem_mb']:.0f} |")
-if sweep:
+                  f"({lat['min']:.3g}-{lat['max']:.3g}) | {gflop:.3g} | {r['flops_per_s'] / 1e9:.3g} | "
+                  f"{r['mfu']:.1%} | {r['peak_mem_mb']:.0f} |")
+
+
+def print_sweep_table(sweep):
     print('\n| variant | axis | size | tokens per cell | GFLOP per cell | ms per cell (min-max) | GFLOP/s | MFU |')
     print('|---|---|---:|---:|---:|---:|---:|---:|')
     for row in sweep:
@@ -853,14 +917,25 @@ if sweep:
         print(f"| {row['variant']} | {row['sweep_axis']} | {row['sweep_size']} | {row['tokens_per_cell']:.0f} | "
               f"{r['flops_per_cell'] / 1e9:.3g} | {lat['median']:.4g} ({lat['min']:.4g}-{lat['max']:.4g}) | "
               f"{r['flops_per_s'] / 1e9:.3g} | {r['mfu']:.1%} |")
-print('\npeak: ' + '; '.join(f"{dt} {p['flops'] / 1e9:.1f} GFLOP/s ({p['source']})" for dt, p in peaks.items())
-      + f". Memory: {mem_kind}. Load average {machine['load_avg_start'][0]:.2f} at start, "
-      f"{machine['load_avg_end'][0]:.2f} at end.")
-for row in results + sweep:
-    for note in row['notes']:
-        print(f"note: {row['variant']}: {note}")
-    if row.get('flop_check') and not row['flop_check']['match']:
-        print(f"note: {row['variant']}: the analytic FLOPs differ from torch.utils.flop_counter's: {row['flop_check']}")
+
+
+def print_notes(rows):
+    print('\npeak: ' + '; '.join(f"{dt} {p['flops'] / 1e9:.1f} GFLOP/s ({p['source']})" for dt, p in peaks.items())
+          + f". Memory: {mem_kind}. Load average {machine['load_avg_start'][0]:.2f} at start, "
+          f"{machine['load_avg_end'][0]:.2f} at end.")
+    for row in rows:
+        for note in row['notes']:
+            print(f"note: {row['variant']}: {note}")
+        if row.get('flop_check') and not row['flop_check']['match']:
+            print(f"note: {row['variant']}: the analytic FLOPs differ from torch.utils.flop_counter's: "
+                  f"{row['flop_check']}")
+
+
+def pyplot():
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    return plt
 
 
 def save_figure(fig, path):
@@ -869,35 +944,37 @@ def save_figure(fig, path):
     print(f'wrote {path}')
 
 
-if (plot and results) or (scaling_plot and sweep):
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-    title = f"{device_name}, {machine['threads']} thread(s)"
-if plot and results:
+def plot_variants(results, path, title):
+    """cells/s (inference at the biggest batch that ran, and training) and inference MFU, a bar per variant."""
     biggest = {r['variant']: [i for i in r['inference'] if 'cells_per_s' in i][-1] for r in results
                if any('cells_per_s' in i for i in r.get('inference', []))}     # each one's biggest batch that ran
     measured = [r for r in results if r['variant'] in biggest]
-    if measured:
-        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 0.5 * len(measured) + 2.5))
-        names, ys = [r['variant'] for r in measured], np.arange(len(measured))
-        series = [('inference, biggest batch', [biggest[r['variant']]['cells_per_s'] for r in measured]),
-                  (f'training b{train_batch_size}', [(r['train'] or {}).get('cells_per_s', 0) for r in measured])]
-        for i, (label, values) in enumerate(series):
-            ax1.barh(ys + 0.4 * i - 0.2, values, height=0.4, label=label)
-        ax1.set_xscale('log')
-        ax1.set_xlabel('cells per second (log)')
-        ax1.legend()
-        mfus = [biggest[r['variant']]['mfu'] * 100 for r in measured]
-        ax2.barh(ys, mfus, color='tab:green')
-        ax2.set_xlabel('inference MFU, % of the peak')
-        for ax in (ax1, ax2):
-            ax.set_yticks(ys, names)
-            ax.invert_yaxis()
-        fig.suptitle(f"{title}; {dataset_cells['source']}")
-        save_figure(fig, plot)
-        plt.close(fig)
-if scaling_plot and sweep:
+    if not measured:
+        return
+    plt = pyplot()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 0.5 * len(measured) + 2.5))
+    labels, ys = [r['variant'] for r in measured], np.arange(len(measured))
+    series = [('inference, biggest batch', [biggest[r['variant']]['cells_per_s'] for r in measured]),
+              (f'training b{train_batch_size}', [(r['train'] or {}).get('cells_per_s', 0) for r in measured])]
+    for i, (label, values) in enumerate(series):
+        ax1.barh(ys + 0.4 * i - 0.2, values, height=0.4, label=label)
+    ax1.set_xscale('log')
+    ax1.set_xlabel('cells per second (log)')
+    ax1.legend()
+    mfus = [biggest[r['variant']]['mfu'] * 100 for r in measured]
+    ax2.barh(ys, mfus, color='tab:green')
+    ax2.set_xlabel('inference MFU, % of the peak')
+    for ax in (ax1, ax2):
+        ax.set_yticks(ys, labels)
+        ax.invert_yaxis()
+    fig.suptitle(f"{title}; {dataset_cells['source']}")
+    save_figure(fig, path)
+    plt.close(fig)
+
+
+def plot_sweep(sweep, path, title):
+    """Time per cell and MFU against the tokens per cell, a line per variant."""
+    plt = pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     for name in dict.fromkeys(r['variant'] for r in sweep):
         pts = [(r['tokens_per_cell'], r['inference'][0]) for r in sweep if r['variant'] == name
@@ -905,12 +982,29 @@ if scaling_plot and sweep:
         if pts:
             ax1.plot([t for t, _ in pts], [r['latency_ms_per_cell']['median'] for _, r in pts], 'o-', label=name)
             ax2.plot([t for t, _ in pts], [r['mfu'] * 100 for _, r in pts], 'o-', label=name)
-    ax1.set(xscale='log', yscale='log', xlabel='tokens per cell', ylabel=f'ms per cell (inference, batch {scaling_batch})')
+    ax1.set(xscale='log', yscale='log', xlabel='tokens per cell',
+            ylabel=f'ms per cell (inference, batch {scaling_batch})')
     ax2.set(xscale='log', xlabel='tokens per cell', ylabel='MFU, % of the peak')
     ax1.legend()
     fig.suptitle(f'{title}: cost against the work per cell (scBERT: panel size; scBERT 2.0: expressed genes)')
-    save_figure(fig, scaling_plot)
+    save_figure(fig, path)
     plt.close(fig)
+
+
+results = run_variants() if not scaling else []
+sweep = run_sweep() if scaling else []
+set_mfu(results + sweep)
+if results:
+    print_variant_table(results)
+    print_runs_table(results)
+if sweep:
+    print_sweep_table(sweep)
+print_notes(results + sweep)
+title = f"{device_name}, {machine['threads']} thread(s)"
+if plot and results:
+    plot_variants(results, plot, title)
+if scaling_plot and sweep:
+    plot_sweep(sweep, scaling_plot, title)
 if out:
     report = {'settings': config, 'machine': machine, 'peaks': peaks, 'memory_kind': mem_kind, 'variants': results,
               'scaling': sweep}

@@ -28,6 +28,7 @@ import difflib
 import io
 import os
 import sys
+import textwrap
 import tokenize
 import traceback
 import types
@@ -107,12 +108,15 @@ def check_value(name, value, default, path):
     raise ConfigError(f"{name} in {path} expects {type(default).__name__}, got {value!r}")
 
 
-def run_config_file(path, scope, defaults, ignored=()):
-    """Run a config file with the current settings visible; return the settings it assigned, type-checked."""
+def read_config(path, visible=None):
+    """Run the config file at path -> {name: value} of the settings there after it ran: the names it assigned (and
+    those of `visible`, the settings it may read, e.g. out_dir = out_dir + '-x'), leaving out _private names and
+    imported modules. Nothing is type-checked (run_config_file does that). ConfigError, in one line, for a missing
+    file or a bug in it. Config files only assign settings; this is the one place they are run."""
     if not os.path.isfile(path):
         hint = f"; did you mean --{path}?" if '=' in path else ''
         raise ConfigError(f"config file '{path}' not found (positional arguments are config files{hint})")
-    namespace = {k: scope[k] for k in defaults}
+    namespace = dict(visible or {})
     namespace['__file__'] = path
     try:
         with open(path) as f:
@@ -121,10 +125,15 @@ def run_config_file(path, scope, defaults, ignored=()):
         frames = [fr for fr in traceback.extract_tb(e.__traceback__) if fr.filename == path]
         line = getattr(e, 'lineno', None) if isinstance(e, SyntaxError) else (frames[-1].lineno if frames else None)
         raise ConfigError(f"in config file {path} line {line}: {type(e).__name__}: {e}") from None
+    return {name: value for name, value in namespace.items()   # imports and helpers are fine
+            if not name.startswith('_') and not isinstance(value, types.ModuleType)}
+
+
+def run_config_file(path, scope, defaults, ignored=()):
+    """Run a config file with the current settings visible; return the settings it assigned, type-checked. Names in
+    `ignored` that are not settings here are dropped, with a note."""
     assigned, dropped = {}, []
-    for name, value in namespace.items():
-        if name.startswith('_') or isinstance(value, types.ModuleType):  # imports and helpers are fine
-            continue
+    for name, value in read_config(path, {k: scope[k] for k in defaults}).items():
         if name in ignored and name not in defaults:
             dropped.append(name)
             continue
@@ -137,34 +146,54 @@ def run_config_file(path, scope, defaults, ignored=()):
 
 
 def descriptions(path):
-    """{name: comment} for module-level assignments in the source file that have a '# comment' on their line."""
+    """{name: comment} for module-level assignments in the source file that have a '# comment' on their line. The
+    comment goes on over the comment-only lines right below it that start in the same column."""
     try:
         with open(path) as f:
             source = f.read()
-        comments = {tok.start[0]: tok.string.lstrip('#').strip()
-                    for tok in tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.COMMENT}
+        tokens = list(tokenize.generate_tokens(io.StringIO(source).readline))
         tree = ast.parse(source)
     except (OSError, SyntaxError, tokenize.TokenError):
         return {}
+    comments = {tok.start[0]: (tok.start[1], tok.string.lstrip('#').strip())
+                for tok in tokens if tok.type == tokenize.COMMENT}
+    skip = (tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT, tokenize.ENDMARKER)
+    code_lines = {line for tok in tokens if tok.type not in skip for line in range(tok.start[0], tok.end[0] + 1)}
     found = {}
     for node in tree.body:
-        if isinstance(node, (ast.Assign, ast.AnnAssign)):
-            for target in node.targets if isinstance(node, ast.Assign) else [node.target]:
-                if isinstance(target, ast.Name):
-                    comment = comments.get(node.lineno) or comments.get(node.end_lineno)
-                    if comment:
-                        found[target.id] = comment
+        if not isinstance(node, (ast.Assign, ast.AnnAssign)):
+            continue
+        line = node.end_lineno if node.end_lineno in comments else node.lineno
+        if line not in comments:
+            continue
+        column, text = comments[line]
+        while line + 1 in comments and line + 1 not in code_lines and comments[line + 1][0] == column:
+            line += 1
+            text += ' ' + comments[line][1]
+        for target in node.targets if isinstance(node, ast.Assign) else [node.target]:
+            if isinstance(target, ast.Name) and text:
+                found[target.id] = text
     return found
 
 
-def help_text(scope, defaults, sources=()):
+def help_text(scope, defaults, sources=(), width=120):
+    """The script's docstring, usage and every setting: '  name = default  # description' when that fits in width
+    characters, else the description on the lines below, wrapped and indented. The descriptions are the comments of
+    the settings in the script and in `sources` (the modules whose settings it shares)."""
     described = {}
     for path in [*sources, scope.get('__file__')]:
         described.update(descriptions(path) if path else {})
     rows = [(f'{name} = {value!r}', described.get(name, '')) for name, value in defaults.items()]
-    width = max((len(left) for left, _ in rows), default=0)
+    column = max((len(left) for left, _ in rows if len(left) <= 28), default=0)   # a long default pushes only its own
     script = os.path.basename(scope.get('__file__') or '<script>')
     lines = [(scope.get('__doc__') or '').strip(), '',
              f'usage: python {script} [config files...] [--key=value ...]', 'settings (default  # description):']
-    lines += [f'  {left:<{width}}  # {desc}' if desc else f'  {left}' for left, desc in rows]
+    for left, desc in rows:
+        line = f'  {left:<{column}}  # {desc}' if desc else f'  {left}'
+        if len(line) <= width:
+            lines.append(line)
+            continue
+        lines.append(f'  {left}')
+        lines += textwrap.wrap(desc, width, initial_indent='      # ', subsequent_indent='      # ',
+                               break_long_words=False, break_on_hyphens=False)
     return '\n'.join(lines).lstrip('\n')

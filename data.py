@@ -1,6 +1,8 @@
 """
 Single-cell data for nanoscBERT: reading .h5ad files with h5py, the normalization/vocab alignment shared by
-prepare_data.py and predict.py, the prepared dataset format, and scBERT's tokens and MLM masking.
+prepare_data.py and predict.py, the prepared dataset format, model_input (the one way cells become a model's input),
+scBERT's tokens and MLM masking, gene annotations, and preparing datasets (prepare_dataset, annotate_dataset,
+prepare_default_dataset: what prepare_data.py runs, and what train.py and bench.py call for the default dataset).
 
 A prepared dataset is a directory (written by prepare_data.py) holding
     data.h5    indptr int64 [n_cells+1], indices int32 [nnz] (vocab positions, ascending per cell), values float32 [nnz]
@@ -60,7 +62,8 @@ def load_checkpoint(path, setting='ckpt'):
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
-        raise UserError(f'cannot read checkpoint {path} ({type(e).__name__}); it is corrupt or not a PyTorch checkpoint') from None
+        raise UserError(f'cannot read checkpoint {path} ({type(e).__name__}); it is corrupt or not a PyTorch '
+                        f'checkpoint') from None
 
 
 def read_gene_list(path):
@@ -188,6 +191,9 @@ class H5AD:
         node = self._matrix(matrix)
         if isinstance(node, h5py.Dataset):  # dense [n_obs, n_vars]: cap a chunk at 16M elements (64 MB)
             n_rows = node.shape[0]
+            if n_rows != self.n_obs:
+                raise UserError(f"{self.path}: {matrix} has {n_rows} rows for {self.n_obs} cells in obs; write it "
+                                f"again with anndata's adata.write_h5ad()")
             step = max(1, min(chunk, (1 << 24) // max(1, node.shape[1])))
             for start in range(0, n_rows, step):
                 block = node[start:start + step].astype(np.float32)
@@ -197,22 +203,55 @@ class H5AD:
             return
         fmt = node.attrs.get('encoding-type', node.attrs.get('h5sparse_format', ''))
         fmt = fmt.decode() if isinstance(fmt, bytes) else str(fmt)
-        shape = node.attrs.get('shape', node.attrs.get('h5sparse_shape'))
+        n_obs = self.n_obs
+        ptr_all = self.check_sparse(node, matrix, fmt.startswith('csc'))
         if fmt.startswith('csc'):  # CSR = CSC sorted by row (stable: columns stay ascending within a row)
-            col_ptr, rows = node['indptr'][:], node['indices'][:]
+            col_ptr, rows = ptr_all, node['indices'][:]
+            self.check_indices(rows, matrix, 'row', self.n_obs)
             order = np.argsort(rows, kind='stable')
             cols = np.repeat(np.arange(len(col_ptr) - 1, dtype=np.int32), np.diff(col_ptr))[order]
             data = node['data'][:][order]
-            indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=int(shape[0])))])
-            for start in range(0, int(shape[0]), chunk):
-                a, b = indptr[start], indptr[min(start + chunk, int(shape[0]))]
+            indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=n_obs))])
+            for start in range(0, n_obs, chunk):
+                a, b = indptr[start], indptr[min(start + chunk, n_obs)]
                 yield start, indptr[start:start + chunk + 1] - a, cols[a:b], data[a:b].astype(np.float32)
             return
-        indptr = node['indptr']
-        for start in range(0, len(indptr) - 1, chunk):
-            ptr = indptr[start:start + chunk + 1].astype(np.int64)
+        n_vars = len(self.var_names(matrix))
+        for start in range(0, len(ptr_all) - 1, chunk):
+            ptr = ptr_all[start:start + chunk + 1]
             a, b = ptr[0], ptr[-1]
-            yield start, ptr - a, node['indices'][a:b].astype(np.int32), node['data'][a:b].astype(np.float32)
+            cols = self.check_indices(node['indices'][a:b], matrix, 'column', n_vars)
+            yield start, ptr - a, cols.astype(np.int32), node['data'][a:b].astype(np.float32)
+
+    def check_sparse(self, node, matrix, csc=False):
+        """The indptr of a CSR (or CSC) matrix, int64, after checking its structure against obs and var: one entry per
+        cell (gene) + 1, from 0, never decreasing, ending at the number of stored values. UserError otherwise: such a
+        file would be read wrongly or fail deep inside numpy."""
+        n_lines = len(self.var_names(matrix)) if csc else self.n_obs
+        what = f"{'genes in var' if csc else 'cells in obs'}"
+        indptr = node['indptr'][:].astype(np.int64)
+        n_indices, n_data = node['indices'].shape[0], node['data'].shape[0]
+        problems = [len(indptr) != n_lines + 1 and f"indptr has {len(indptr)} entries for {n_lines} {what} (needs "
+                    f"{n_lines + 1})",
+                    n_indices != n_data and f"{n_indices} indices for {n_data} values",
+                    len(indptr) and indptr[0] != 0 and f"indptr starts at {indptr[0]}, not 0",
+                    len(indptr) and (np.diff(indptr) < 0).any() and "indptr decreases",
+                    len(indptr) and indptr[-1] != n_data
+                    and f"indptr ends at {indptr[-1]}, with {n_data} values stored"]
+        self.check_problem(next((p for p in problems if p), None), matrix, csc)
+        return indptr
+
+    def check_indices(self, indices, matrix, what, n):
+        """indices (of a CSR chunk: columns; of a CSC matrix: rows) -> themselves, after checking they are in 0..n-1."""
+        if len(indices) and (indices.min() < 0 or indices.max() >= n):
+            bad = indices.max() if indices.max() >= n else indices.min()
+            self.check_problem(f"a {what} index is {bad}, outside 0..{n - 1}", matrix, what == 'row')
+        return indices
+
+    def check_problem(self, problem, matrix, csc):
+        if problem:
+            raise UserError(f"{self.path}: {matrix} is a damaged {'CSC' if csc else 'CSR'} matrix ({problem}); "
+                            f"write it again with anndata's adata.write_h5ad()")
 
 
 read_h5ad = H5AD
@@ -683,6 +722,60 @@ def gather_runs(values, starts, lengths):
     return values[np.repeat(starts - np.cumsum(lengths) + lengths, lengths) + np.arange(total)]
 
 
+class CellUnits:
+    """One cell's state while mask_by_units masks it: its candidates (vocab genes), which are masked, the budget left
+    and the units chosen; with gene sets, the sets holding a candidate, in a random ranking, and each one's new
+    (not yet masked) candidates. Plain Python lists: a unit is a few list operations (numpy sets the cell up)."""
+
+    def __init__(self, rng, genes, n_target, units, use_sets):
+        self.n, self.genes = len(genes), np.asarray(genes, np.int64)
+        self.masked, self.chosen, self.left = bytearray(self.n), [], n_target
+        self.use_sets, self.next_set = use_sets, 0
+        if use_sets:
+            self.index_sets(rng, units)
+
+    def index_sets(self, rng, units):
+        """The cell's sets: (candidate, set) links by candidate, and each set's candidates."""
+        genes = self.genes
+        starts, lengths = units.gene_ptr[genes], units.gene_ptr[genes + 1] - units.gene_ptr[genes]
+        link_set = gather_runs(units.gene_sets, starts, lengths)
+        links_of_set = np.bincount(link_set, minlength=units.n_sets)
+        self.sets = sets = np.flatnonzero(links_of_set)                 # the sets holding a candidate, by id
+        local = np.zeros(units.n_sets, np.int64)
+        local[sets] = np.arange(len(sets))
+        link_set = local[link_set].astype(np.int16 if len(sets) < 1 << 15 else np.int32)   # -> indices into sets
+        self.members = np.repeat(np.arange(self.n), lengths)[np.argsort(link_set, kind='stable')].tolist()  # radix
+        self.member_ptr = np.concatenate([[0], np.cumsum(links_of_set[sets])]).tolist()
+        self.link_ptr = np.concatenate([[0], np.cumsum(lengths)]).tolist()
+        self.count = links_of_set[sets].tolist()                        # the new genes of each set
+        self.link_set = link_set.tolist()
+        self.ranking = rng.permutation(len(sets)).tolist()
+
+    def mask(self, c):
+        self.masked[c] = 1
+        if self.use_sets:
+            count, link_set = self.count, self.link_set
+            for t in link_set[self.link_ptr[c]:self.link_ptr[c + 1]]:
+                count[t] -= 1
+
+    def mask_set(self, t):
+        new = [c for c in self.members[self.member_ptr[t]:self.member_ptr[t + 1]] if not self.masked[c]]
+        for c in new:
+            self.mask(c)
+        self.left -= len(new)
+        self.chosen.append(('pathway', int(self.sets[t])))
+
+    def fitting_set(self):
+        """The next set of the ranking that fits, or None."""
+        ranking, count, left = self.ranking, self.count, self.left
+        while self.next_set < len(ranking) and not 0 < count[ranking[self.next_set]] <= left:
+            self.next_set += 1
+        return ranking[self.next_set] if self.next_set < len(ranking) else None
+
+    def result(self):
+        return np.flatnonzero(np.frombuffer(self.masked, np.uint8)), self.chosen
+
+
 def mask_by_units(rng, genes, n_target, units, masking='pathway', weights=(1.0, 1.0, 1.0)):
     """pathway and multiscale masking of one cell, whose candidates (its non-zero tokens) are the vocab genes `genes`
     -> (indices into genes, each once; the units masked, as (scale, id) pairs). A unit masks its candidates not
@@ -704,101 +797,87 @@ def mask_by_units(rng, genes, n_target, units, masking='pathway', weights=(1.0, 
     genomic order, on its chromosome: gene_units), its new genes masked in genomic order up to the budget, ('region',
     its start gene). Single genes always fit: with weights[0] > 0 exactly n_target genes are masked.
 
-    Each unit is plain Python over lists (numpy sets the cell up): exact, but about 10x nonzero's cost (README)."""
-    n, genes = len(genes), np.asarray(genes, np.int64)
-    masked, chosen, left = bytearray(n), [], n_target
+    Each unit is plain Python over lists (CellUnits): exact, but about 10x nonzero's cost (README)."""
     use_sets = units.n_sets > 0 and (masking == 'pathway' or weights[1] > 0)
-    if use_sets:   # the cell's sets: (candidate, set) links by candidate, and each set's candidates
-        starts, lengths = units.gene_ptr[genes], units.gene_ptr[genes + 1] - units.gene_ptr[genes]
-        link_set = gather_runs(units.gene_sets, starts, lengths)
-        links_of_set = np.bincount(link_set, minlength=units.n_sets)
-        sets = np.flatnonzero(links_of_set)                       # the sets holding a candidate, by id
-        local = np.zeros(units.n_sets, np.int64)
-        local[sets] = np.arange(len(sets))
-        link_set = local[link_set].astype(np.int16 if len(sets) < 1 << 15 else np.int32)   # -> indices into sets
-        members = np.repeat(np.arange(n), lengths)[np.argsort(link_set, kind='stable')].tolist()   # (a radix sort)
-        member_ptr = np.concatenate([[0], np.cumsum(links_of_set[sets])]).tolist()
-        link_ptr = np.concatenate([[0], np.cumsum(lengths)]).tolist()
-        count, link_set = links_of_set[sets].tolist(), link_set.tolist()   # count: the new genes of each set
-        ranking = rng.permutation(len(sets)).tolist()
-    next_set = 0
-
-    def mask(c):
-        masked[c] = 1
-        if use_sets:
-            for t in link_set[link_ptr[c]:link_ptr[c + 1]]:
-                count[t] -= 1
-
-    def mask_set(t):
-        nonlocal left
-        new = [c for c in members[member_ptr[t]:member_ptr[t + 1]] if not masked[c]]
-        for c in new:
-            mask(c)
-        left -= len(new)
-        chosen.append(('pathway', int(sets[t])))
-
-    def fitting_set():                                            # the next set of the ranking that fits, or None
-        nonlocal next_set
-        while next_set < len(ranking) and not 0 < count[ranking[next_set]] <= left:
-            next_set += 1
-        return ranking[next_set] if next_set < len(ranking) else None
-
+    cell = CellUnits(rng, genes, n_target, units, use_sets)
     if masking == 'pathway':
-        while use_sets and left > 0 and (t := fitting_set()) is not None:
-            mask_set(t)
-        if use_sets and left > 0:
-            new = np.array(count)[ranking]
-            new[new <= 0] = n + 1
-            k = int(np.argmin(new))                               # the fewest new genes, first ranked
-            if new[k] <= n and new[k] < 2 * left:
-                mask_set(ranking[k])
-        return np.flatnonzero(np.frombuffer(masked, np.uint8)), chosen
+        return mask_pathways(cell)
+    return mask_multiscale(cell, rng, units, weights)
 
-    gene_list = genes.tolist()
-    shuffled, next_gene = rng.permutation(n).tolist(), 0          # single genes: the candidates in random order
-    rank = units.rank[genes]
+
+def mask_pathways(cell):
+    """mask_by_units' pathway masking of a CellUnits."""
+    while cell.use_sets and cell.left > 0 and (t := cell.fitting_set()) is not None:
+        cell.mask_set(t)
+    if cell.use_sets and cell.left > 0 and cell.ranking:      # (no ranking: no candidate is in a set)
+        new = np.array(cell.count)[cell.ranking]
+        new[new <= 0] = cell.n + 1
+        k = int(np.argmin(new))                               # the fewest new genes, first ranked
+        if new[k] <= cell.n and new[k] < 2 * cell.left:
+            cell.mask_set(cell.ranking[k])
+    return cell.result()
+
+
+def candidate_regions(cell, units, weights):
+    """The candidates with known coordinates (none when regions weigh 0), and each one's region as (first, last):
+    region of candidate c = by_rank[first[c]:last[c]], by_rank being the placed candidates in genomic order."""
+    rank = units.rank[cell.genes]
     placed = np.flatnonzero(rank >= 0) if weights[2] > 0 else np.zeros(0, np.int64)
-    if len(placed):                                               # regions: the placed candidates in genomic order
-        by_rank = placed[np.argsort(rank[placed])]
-        first, last = np.zeros(n, np.int64), np.zeros(n, np.int64)   # region of candidate c: by_rank[first[c]:last[c]]
-        first[placed] = np.searchsorted(rank[by_rank], rank[placed])
-        last[placed] = np.searchsorted(rank[by_rank], units.region_end[rank[placed]])
-        first, last, by_rank = first.tolist(), last.tolist(), by_rank.tolist()
+    if not len(placed):
+        return placed, None, None, None
+    by_rank = placed[np.argsort(rank[placed])]
+    first, last = np.zeros(cell.n, np.int64), np.zeros(cell.n, np.int64)
+    first[placed] = np.searchsorted(rank[by_rank], rank[placed])
+    last[placed] = np.searchsorted(rank[by_rank], units.region_end[rank[placed]])
+    return placed, first.tolist(), last.tolist(), by_rank.tolist()
+
+
+def draw_scale(u, available):
+    """The scale whose share of [0, sum(available)) holds u (the last available one if round-off overshoots)."""
+    end, scale = 0.0, None
+    for k, share in enumerate(available):
+        end += share
+        if share > 0 and (u < end or scale is None):
+            scale = k
+            if u < end:
+                break
+    return scale
+
+
+def mask_multiscale(cell, rng, units, weights):
+    """mask_by_units' multiscale masking of a CellUnits: genes, gene sets and regions, mixed."""
+    n, gene_list, masked = cell.n, cell.genes.tolist(), cell.masked
+    shuffled, next_gene = rng.permutation(n).tolist(), 0          # single genes: the candidates in random order
+    placed, first, last, by_rank = candidate_regions(cell, units, weights)
     starts_left, next_start = rng.permutation(placed).tolist(), 0  # region starts, in random order
-    draws = rng.random(n_target).tolist()                         # one per unit at most: a unit masks >= 1 gene
-    while left > 0:
+    draws = rng.random(cell.left).tolist()                        # one per unit at most: a unit masks >= 1 gene
+    while cell.left > 0:
         while next_gene < n and masked[shuffled[next_gene]]:
             next_gene += 1
         while next_start < len(starts_left) and masked[starts_left[next_start]]:
             next_start += 1
-        t = fitting_set() if use_sets else None
+        t = cell.fitting_set() if cell.use_sets else None
         available = (weights[0] * (next_gene < n), weights[1] * (t is not None),
                      weights[2] * (next_start < len(starts_left)))
         total = sum(available)
         if total <= 0:
             break
-        u, end, scale = draws.pop() * total, 0.0, None            # the scale whose share of [0, total) holds u
-        for k, share in enumerate(available):
-            end += share
-            if share > 0 and (u < end or scale is None):
-                scale = k                                         # (the last available one if round-off overshoots)
-                if u < end:
-                    break
+        scale = draw_scale(draws.pop() * total, available)
         if scale == 0:
             c = shuffled[next_gene]
-            mask(c)
-            left -= 1
-            chosen.append(('gene', gene_list[c]))
+            cell.mask(c)
+            cell.left -= 1
+            cell.chosen.append(('gene', gene_list[c]))
         elif scale == 1:
-            mask_set(t)
+            cell.mask_set(t)
         else:
             c = starts_left[next_start]
-            new = [r for r in by_rank[first[c]:last[c]] if not masked[r]][:left]
+            new = [r for r in by_rank[first[c]:last[c]] if not masked[r]][:cell.left]
             for r in new:
-                mask(r)
-            left -= len(new)
-            chosen.append(('region', gene_list[c]))
-    return np.flatnonzero(np.frombuffer(masked, np.uint8)), chosen
+                cell.mask(r)
+            cell.left -= len(new)
+            cell.chosen.append(('region', gene_list[c]))
+    return cell.result()
 
 
 def choose_masked(rng, nonzero, mask_prob, masking='nonzero', genes=None, units=None, weights=(1.0, 1.0, 1.0)):
@@ -894,7 +973,9 @@ def quantile_bins(indptr, values, n_bins):
     lo, frac = np.floor(pos).astype(np.int64), pos - np.floor(pos)
     hi = np.minimum(lo + 1, np.maximum(lengths, 1)[:, None] - 1)
     start = indptr[:-1, None]
-    at = lambda i: sorted_vals[np.minimum(start + i, len(sorted_vals) - 1)]
+
+    def at(i):
+        return sorted_vals[np.minimum(start + i, len(sorted_vals) - 1)]
     edges = at(lo) + frac * (at(hi) - at(lo))                  # (B, n_bins - 1)
     bins = 1 + (edges[row] <= values[:, None]).sum(1)
     return np.where(values > 0, bins, 0).astype(np.int64)
@@ -911,7 +992,8 @@ def value_bins(indptr, values, log_base, value_emb, n_bins):
 def cell_seeds(indptr, indices, seed=0):
     """A seed per cell computed from its content (its expressed genes): evaluation and predict.py then pick the same
     genes of a cell whatever batch, file order or process it comes in."""
-    return [[seed, zlib.crc32(indices[indptr[i]:indptr[i + 1]].astype(np.int32).tobytes())] for i in range(len(indptr) - 1)]
+    return [[seed, zlib.crc32(indices[indptr[i]:indptr[i + 1]].astype(np.int32).tobytes())]
+            for i in range(len(indptr) - 1)]
 
 
 def expressed_batch(indptr, indices, values, seeds, cfg, log_base, mask_prob=0.0, replace_prob=0.9, masking='nonzero',
@@ -1248,11 +1330,244 @@ def read_annotation(path, n_genes):
     return out
 
 
-def prepare_default_dataset(path):  # TEMPORARY (replaced by the scripts branch)
-    import subprocess
-    import sys
-    if not os.path.exists(os.path.join(path, 'meta.json')) and os.path.normpath(path) == os.path.join('data', 'pbmc68k'):
-        print(f'{path} is missing: preparing it from the embedded data/pbmc68k_reduced.h5ad')
-        here = os.path.dirname(os.path.abspath(__file__))
-        subprocess.run([sys.executable, os.path.join(here, 'prepare_data.py'), f'--out_dir={path}',
-                        f'--input={os.path.join(here, "data", "pbmc68k_reduced.h5ad")}'], check=True)
+# ----------------------------------------------------------------------------------------------------------------
+# Preparing a dataset: what prepare_data.py runs (and train.py / bench.py, for the embedded default dataset).
+# Every step streams the .h5ad files chunk by chunk; the output directory is written next to its place and renamed.
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_DATASET = os.path.join('data', 'pbmc68k')
+DEFAULT_INPUT = os.path.join(REPO, 'data', 'pbmc68k_reduced.h5ad')
+
+
+def comma_list(text):
+    """'a.h5ad, b.h5ad' (or a list of them) -> ['a.h5ad', 'b.h5ad']; blanks are dropped."""
+    items = text.split(',') if isinstance(text, str) else (text or [])
+    return [p.strip() for p in items if p.strip()]
+
+
+class AnnotationSources(NamedTuple):
+    """The gene table and gene sets an annotation.h5 is made from (read_annotation_sources)."""
+    genome: str               # the gene table's path ('' = none)
+    table: GeneTable          # or None
+    gene_set_paths: list      # GMT files
+    gene_sets: list           # (name, genes) of every file, in order
+    sets_per_file: list       # int per GMT file
+    min_set_genes: int
+    max_set_genes: int
+
+
+def read_annotation_sources(genome='', gene_sets=(), min_set_genes=3, max_set_genes=500):
+    """Read the gene table and the GMT files (comma-separated or a list) -> AnnotationSources, or None when neither
+    is given. Read before any .h5ad, so that a bad one stops the run early."""
+    paths = comma_list(gene_sets)
+    if not (genome or paths):
+        return None
+    table = read_genome_table(genome) if genome else None
+    sets, per_file = read_gene_sets(paths) if paths else ([], [])
+    return AnnotationSources(genome, table, paths, sets, per_file, min_set_genes, max_set_genes)
+
+
+def annotation_of(genes, sources):
+    """-> (annotation.h5's arrays, meta.json's 'annotation' entry) of vocab genes; prints the coverage."""
+    s = sources
+    annotation, c = annotate_genes(genes, s.table, s.gene_sets, s.min_set_genes, s.max_set_genes)
+    entry = {'genome': {'path': s.genome, 'sha256': file_sha256(s.genome), 'n_rows': len(s.table.gene_id)}
+             if s.genome else None,  # None: no gene table given, every gene's chromosome is unknown
+             'gene_sets': [{'path': p, 'sha256': file_sha256(p), 'n_sets': n}
+                           for p, n in zip(s.gene_set_paths, s.sets_per_file)],  # []: no GMT file, no pathways
+             'min_set_genes': s.min_set_genes, 'max_set_genes': s.max_set_genes, **c}
+    print(f"genome: {c['n_genes'] - c['unknown']} / {c['n_genes']} genes located on {c['n_chrom']} chromosomes (by "
+          f"id {c['by_id']}, by symbol {c['by_symbol']}, case-insensitive {c['case_insensitive']}; unknown "
+          f"{c['unknown']})" if s.genome else "genome: no --genome given: every gene's location is unknown")
+    print(f"pathways: {c['sets_kept']} of {c['sets_read']} gene sets kept ({s.min_set_genes}..{s.max_set_genes} "
+          f"vocab genes); {c['genes_in_a_set']} / {c['n_genes']} genes in a kept set, {c['mean_sets_per_gene']:.1f} "
+          f"sets per such gene" if s.gene_set_paths else "pathways: no --gene_sets given: no gene is in a set")
+    return annotation, entry
+
+
+def annotate_dataset(path, genome='', gene_sets=(), min_set_genes=3, max_set_genes=500):
+    """prepare_data.py --annotate: (re)write only the annotation of the prepared dataset at path (annotation.h5 and
+    meta.json's 'annotation' entry, each written then renamed), reading no .h5ad."""
+    sources = read_annotation_sources(genome, gene_sets, min_set_genes, max_set_genes)
+    if sources is None:
+        raise UserError(f"--annotate={path} needs --genome=<gene table .csv[.gz]> and/or --gene_sets=<a.gmt,b.gmt>")
+    meta_file = os.path.join(path, 'meta.json')
+    try:
+        with open(meta_file) as fh:
+            meta = json.load(fh)
+        with open(os.path.join(path, 'vocab.txt')) as fh:
+            genes = [line.strip() for line in fh.read().splitlines()]  # as read_gene_list reads it
+        if not isinstance(meta, dict) or len(genes) != meta['n_genes']:
+            raise ValueError(f"{len(genes)} genes in vocab.txt, meta.json says {meta['n_genes']}")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{path} is corrupt ({type(e).__name__}: {e}); prepare it again with python "
+                        f"prepare_data.py --input=<file.h5ad> --out_dir={path}") from None
+    annotation, meta['annotation'] = annotation_of(genes, sources)
+    # meta.json is renamed last: it never describes an annotation.h5 that is not there yet
+    with atomic_write(meta_file) as tmp_meta, atomic_write(os.path.join(path, 'annotation.h5')) as tmp_h5:
+        write_annotation(tmp_h5, annotation)
+        with open(tmp_meta, 'w') as fh:
+            json.dump(meta, fh, indent=1)
+    print(f"wrote {os.path.join(path, 'annotation.h5')} and the annotation entry of {meta_file}")
+
+
+def most_variable(paths, genes, n_top_genes, layer, gene_key, log_base, min_genes, chunk):
+    """The n_top_genes genes (of the vocab `genes`) whose log-normalized expression varies most over the cells that
+    pass QC, in vocab order: one extra streaming pass summing each gene's values and squares (float64). Zeros add
+    nothing to either sum but count in n (the variance includes them)."""
+    total, total_sq, n = np.zeros(len(genes)), np.zeros(len(genes)), 0
+    for p in paths:
+        for c in process_h5ad(p, layer, gene_key, log_base, genes, min_genes, chunk=chunk):
+            passed = np.repeat(c.passed_qc, np.diff(c.indptr))  # bool [nnz]: the entry's cell passes QC
+            vals = c.values[passed].astype(np.float64)
+            total += np.bincount(c.indices[passed], weights=vals, minlength=len(genes))
+            total_sq += np.bincount(c.indices[passed], weights=vals * vals, minlength=len(genes))
+            n += int(c.passed_qc.sum())
+    mean = total / max(n, 1)  # n == 0: no cells after QC, reported by the main pass
+    variance = total_sq / max(n, 1) - mean * mean  # population variance, as np.var
+    # highest variance first; the stable sort breaks ties by vocab order; then back to vocab order
+    top = np.sort(np.argsort(-variance, kind='stable')[:n_top_genes])
+    print(f"kept the {n_top_genes} most variable of {len(genes)} genes (variance of log-normalized expression "
+          f"over {n} cells passing QC)")
+    return [genes[i] for i in top]
+
+
+def dataset_vocab(paths, vocab, n_top_genes, layer, gene_key, log_base, min_genes, chunk):
+    """The vocab: a gene list file, or the union of the inputs' genes in first-seen order (optionally only the
+    n_top_genes most variable: a scBERT forward pass costs time linear in the number of genes)."""
+    if vocab:
+        genes = read_gene_list(vocab)
+        if n_top_genes:
+            print(f"n_top_genes={n_top_genes} ignored: the vocab is given by --vocab={vocab}")
+        return genes
+    genes = list(dict.fromkeys(g for p in paths for g in process_h5ad(p, layer, gene_key, progress=False).vocab))
+    if n_top_genes and n_top_genes >= len(genes):
+        print(f"n_top_genes={n_top_genes} >= {len(genes)} genes: keeping all of them")
+    elif n_top_genes:
+        genes = most_variable(paths, genes, n_top_genes, layer, gene_key, log_base, min_genes, chunk)
+    return genes
+
+
+def category_codes(columns, kept):
+    """Per-file object arrays of str/None (or None: no such column) and kept masks -> (int64 codes of the kept
+    cells, -1 = missing; names sorted for determinism)."""
+    cells = np.concatenate([c[k] if c is not None else np.full(k.sum(), None, object) for c, k in zip(columns, kept)])
+    names = sorted({v for v in cells.tolist() if v is not None})
+    lookup = {v: i for i, v in enumerate(names)}
+    return np.array([lookup.get(v, -1) for v in cells.tolist()], dtype=np.int64), names
+
+
+def stratified_folds(labels, labelled, n_folds, seed):
+    """int8 fold per cell: shuffle, group by class (a stable sort keeps the shuffle within a class), then deal 0, 1, ..,
+    k-1 in that order: each class, and the total, is spread over the folds as evenly as possible (sizes differ <= 1).
+    labelled False (unlabeled data): every cell gets a random fold; else cells with label -1 get fold -1."""
+    folds = np.full(len(labels), -1, dtype=np.int8)
+    eligible = np.flatnonzero(labels >= 0) if labelled else np.arange(len(labels))
+    order = eligible[np.random.default_rng(seed).permutation(len(eligible))]
+    order = order[np.argsort(labels[order], kind='stable')]
+    folds[order] = np.arange(len(order)) % n_folds
+    return folds
+
+
+def write_kept_cells(f, sources, min_genes):
+    """Stream every file's cells that pass QC into the data.h5 file f (resizable indices and values; nothing is kept
+    in memory but per-cell arrays) -> (kept mask per file, row_nnz arrays, meta.json's 'source' entries)."""
+    indices = f.create_dataset('indices', (0,), np.int32, maxshape=(None,), chunks=(1 << 18,))
+    values = f.create_dataset('values', (0,), np.float32, maxshape=(None,), chunks=(1 << 18,))
+    row_nnz, kept, source_info = [], [], []  # per kept cell: nnz; per file: kept mask [n_cells]
+    for s in sources:
+        passed = np.zeros(s.n_cells, dtype=bool)
+        for c in s:
+            keep = np.flatnonzero(c.passed_qc)
+            passed[c.row_start + keep] = True
+            ptr, ind, val = take_rows(c.indptr, c.indices, c.values, keep)
+            nnz = len(indices)
+            indices.resize((nnz + len(ind),))
+            values.resize((nnz + len(val),))
+            indices[nnz:], values[nnz:] = ind, val
+            row_nnz.append(np.diff(ptr))
+        kept.append(passed)
+        source_info.append({'path': s.path, 'sha256': file_sha256(s.path), 'matrix': s.matrix, 'kind': s.kind,
+                            'n_cells_in': s.n_cells, 'n_cells_kept': int(passed.sum()), 'n_genes_in': len(s.genes)})
+        print(f"{s.path}: QC kept {passed.sum()} / {s.n_cells} cells ({s.n_cells - passed.sum()} with fewer "
+              f"than {min_genes} expressed genes dropped)")
+    return kept, row_nnz, source_info
+
+
+def write_data_h5(file, sources, label_key, min_genes, n_folds, seed):
+    """data.h5 of the cells that pass QC -> dict of what meta.json and the report need."""
+    with h5py.File(file, 'w') as f:
+        kept, row_nnz, source_info = write_kept_cells(f, sources, min_genes)
+        n_cells = int(sum(k.sum() for k in kept))
+        if n_cells == 0:
+            raise UserError(f"no cells left after QC: every cell has fewer than min_genes={min_genes} expressed genes "
+                            f"(lower --min_genes, or check --layer)")
+        labels, label_names = category_codes([s.labels for s in sources], kept)
+        batch, batch_names = category_codes([s.batch for s in sources], kept)
+        f['indptr'] = np.concatenate([[0], np.cumsum(np.concatenate(row_nnz))]).astype(np.int64)
+        f['labels'], f['folds'], f['batch'] = labels, stratified_folds(labels, bool(label_key), n_folds, seed), batch
+        f.create_dataset('cell_ids', data=np.concatenate([s.cell_ids[k] for s, k in zip(sources, kept)]).astype(object),
+                         dtype=h5py.string_dtype('utf-8'))
+        return dict(n_cells=n_cells, nnz=len(f['indices']), labels=labels, label_names=label_names,
+                    batch_names=batch_names, source_info=source_info)
+
+
+def prepare_dataset(paths, out, label_key='bulk_labels', batch_key='', layer='auto', gene_key='', vocab='',
+                    n_top_genes=0, min_genes=200, n_folds=5, log_base=2.0, seed=0, chunk=4096, genome='', gene_sets=(),
+                    min_set_genes=3, max_set_genes=500, settings=None):
+    """Prepare .h5ad files (a list of paths) into the dataset directory out, as prepare_data.py does (its docstring
+    and settings tell what each argument does; '' and None both mean "none" for the keys and the vocab). settings:
+    the dict stored as meta.json's 'settings' (prepare_data.py's config; None = these arguments). Prints the report;
+    bad input is a UserError, and leaves no output behind."""
+    if settings is None:
+        settings = {k: v for k, v in locals().items() if k != 'settings'}
+    label_key, batch_key, gene_key, vocab = (v if v not in (None, 'None') else ''  # '' and None both mean "none"
+                                             for v in (label_key, batch_key, gene_key, vocab))
+    sources_of_annotation = read_annotation_sources(genome, gene_sets, min_set_genes, max_set_genes)
+    genes = dataset_vocab(paths, vocab, n_top_genes, layer, gene_key, log_base, min_genes, chunk)
+    sources = [process_h5ad(p, layer, gene_key, log_base, genes, min_genes, label_key, batch_key, chunk=chunk)
+               for p in paths]
+    for s in sources:
+        print(s.summary())
+    with atomic_write(out) as tmp:
+        os.makedirs(tmp)
+        d = write_data_h5(os.path.join(tmp, 'data.h5'), sources, label_key, min_genes, n_folds, seed)
+        with open(os.path.join(tmp, 'vocab.txt'), 'w') as fh:
+            fh.write(''.join(f'{g}\n' for g in genes))
+        data_genes = set(g for s in sources for g in s.genes.tolist() if g)
+        meta = {'format': 1, 'n_cells': d['n_cells'], 'n_genes': len(genes), 'nnz': d['nnz'], 'log_base': log_base,
+                'label_key': label_key, 'label_names': d['label_names'], 'batch_key': batch_key,
+                'batch_names': d['batch_names'], 'n_folds': n_folds, 'seed': seed, 'source': d['source_info'],
+                'settings': settings,
+                'overlap': {'matched': len(data_genes & set(genes)), 'vocab': len(genes), 'data': len(data_genes)},
+                'n_cells_dropped_qc': int(sum(s.n_cells for s in sources)) - d['n_cells'], 'min_genes': min_genes}
+        if sources_of_annotation:
+            annotation, meta['annotation'] = annotation_of(genes, sources_of_annotation)
+            write_annotation(os.path.join(tmp, 'annotation.h5'), annotation)
+        with open(os.path.join(tmp, 'meta.json'), 'w') as fh:
+            json.dump(meta, fh, indent=1)
+    n_missing = int((d['labels'] < 0).sum()) if label_key else 0
+    print(f"wrote {out}: {d['n_cells']} cells x {len(genes)} genes, {d['nnz']} non-zeros, log base {log_base:g}; "
+          + (f"{len(d['label_names'])} labels" if label_key else "no labels")
+          + (f" ({n_missing} cells with a missing label: fold -1)" if n_missing else "")
+          + (f", {len(d['batch_names'])} batches" if batch_key else "") + f", {n_folds} folds")
+    return meta
+
+
+# prepare_data.py's settings as `python prepare_data.py --out_dir=data/pbmc68k` runs it (tests check they agree)
+DEFAULT_PREPARE_SETTINGS = dict(
+    input='data/pbmc68k_reduced.h5ad', name='pbmc68k', out_dir='', label_key='bulk_labels', batch_key='',
+    layer='auto', gene_key='', vocab='', n_top_genes=0, min_genes=200, n_folds=5, log_base=2.0, seed=0, chunk=4096,
+    genome='', gene_sets='', min_set_genes=3, max_set_genes=500, annotate='')
+
+
+def prepare_default_dataset(path):
+    """The embedded default dataset, prepared on first use: if path is data/pbmc68k and has no meta.json, prepare it
+    from <repo>/data/pbmc68k_reduced.h5ad exactly as `python prepare_data.py --out_dir=data/pbmc68k
+    --input=<repo>/data/pbmc68k_reduced.h5ad` does; any other path, or a prepared one, is left alone."""
+    if os.path.normpath(path) != DEFAULT_DATASET or os.path.exists(os.path.join(path, 'meta.json')):
+        return
+    print(f'{path} is missing: preparing it from the embedded data/pbmc68k_reduced.h5ad')
+    settings = dict(DEFAULT_PREPARE_SETTINGS, input=DEFAULT_INPUT, out_dir=path)
+    arguments = {k: v for k, v in settings.items() if k not in ('input', 'name', 'out_dir', 'annotate')}
+    prepare_dataset([DEFAULT_INPUT], path, **arguments, settings=settings)

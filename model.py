@@ -13,8 +13,8 @@ Every architecture of nanoscBERT, in one file, in the order of the lecture.
                                  relative positions, a gene's chromosome and start coordinate, its pathways
    10. BitNet b1.58              quantization-aware training: BitLinear, and make_linear, which picks it
    11. Not in the lecture        gene importance; loading checkpoints (ours and the original release's)
-   12. Moving to distill.py      distil_student, kd_loss, cosine_loss
-   (inference from int8 / ternary weights, the int8 kernels and the packing live in lowbit.py, which imports this file)
+   (inference from int8 / ternary weights, the int8 kernels and the packing live in lowbit.py, which imports this
+    file; distillation's student and losses live in distill.py)
 
 scBERT (Yang et al. 2022, Nat. Mach. Intell. 4:852) reads a cell as a sentence whose words are genes: position g of
 the sequence is gene g of a fixed panel, and its token is the gene's binned expression.
@@ -1131,45 +1131,3 @@ def model_from_original_scbert(checkpoint, dim_head=64, **overrides):
     if missing or unexpected:
         raise ValueError(f'scBERT checkpoint does not match: missing {missing[:5]}, unexpected {unexpected[:5]}')
     return model
-
-
-# -----------------------------------------------------------------------------
-# 12. moving to distill.py
-# distillation (DistilBERT, Sanh et al. 2019; train.py's teacher setting, run by distill.py)
-
-def distil_student(teacher, layers, n_embd=0):
-    """DistilBERT's student: the teacher's architecture with only the teacher blocks `layers` (DistilBERT keeps every
-    other one), initialised from those blocks and the teacher's embeddings, final norm and heads. A narrower student
-    (n_embd below the teacher's) has no weights to take, so it starts at random (train.py then learns a projection of
-    its hidden states for the cosine loss)."""
-    narrow = bool(n_embd) and n_embd != teacher.config.n_embd
-    config = replace(teacher.config, n_layer=len(layers), n_embd=n_embd or teacher.config.n_embd,
-                     freeze_gene_emb=teacher.config.freeze_gene_emb and not narrow)   # a random table must learn
-    student = ScBERT(config)
-    annotation = ('gene_chrom', 'gene_start', 'pathway_ptr', 'pathway_idx')   # gene facts, not weights: always kept
-    student.load_state_dict({k: v for k, v in teacher.state_dict().items() if k in annotation}, strict=False)
-    if not narrow:
-        state = {}
-        for name, value in teacher.state_dict().items():
-            block = re.match(r'blocks\.(\d+)\.(.*)', name)
-            if block is None:
-                state[name] = value
-            elif int(block[1]) in layers:                               # teacher block layers[j] -> student block j
-                state[f'blocks.{layers.index(int(block[1]))}.{block[2]}'] = value
-        student.load_state_dict(state)
-    return student
-
-
-def kd_loss(student_logits, teacher_logits, temperature):
-    """Soft-target loss (Hinton et al. 2015): KL(softmax(teacher / T) ‖ softmax(student / T)) · T², averaged over the
-    rows of (..., n_classes) logits. The T² keeps its gradients the same size whatever T (they scale as 1/T²)."""
-    s = F.log_softmax(student_logits.float().flatten(0, -2) / temperature, -1)
-    t = F.log_softmax(teacher_logits.float().flatten(0, -2) / temperature, -1)
-    return F.kl_div(s, t, log_target=True, reduction='batchmean') * temperature ** 2
-
-
-def cosine_loss(student_hidden, teacher_hidden, valid=None):
-    """DistilBERT's cosine-embedding loss: 1 - cos(student, teacher) per token of (B, L, C) hidden states, averaged over
-    the real tokens (valid (B, L) bool, None = all): it aligns the directions of the two models' hidden states."""
-    loss = 1 - F.cosine_similarity(student_hidden.float(), teacher_hidden.float(), dim=-1)     # (B, L)
-    return loss.mean() if valid is None else loss[valid].mean()
