@@ -1,6 +1,6 @@
 # The baseline of the ablations and sensitivity runs (README "ALBERT, DeBERTa and biology on Baron"): a dense 2-layer
-# scBERT 2.0, sized so that one Baron fold trains in about two minutes (400 steps of 32 cells) on one CPU core and each extension can be
-# measured on the same 5 folds. Every extension is this file plus one flag, e.g.
+# scBERT 2.0, sized so that one Baron fold trains in about two minutes (400 steps of 32 cells) on one CPU core and
+# each extension can be measured on the same 5 folds. Every extension is this file plus one flag, e.g.
 #   python train.py config/ablation_baron.py --share_layers=all --out_dir=out-abl/share_all
 input_genes = 'expressed'      # CLS + (gene, value) tokens of the expressed genes only
 value_emb = 'continuous'       # xTrimoGene's auto-discretization of the log-normalized value

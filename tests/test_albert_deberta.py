@@ -4,26 +4,10 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
+from conftest import CHROM, IDX, PTR, ROOT, START, small, state, user_error
+from conftest import run_script as run
 from model import ModelConfig, ScBERT, genomic_buckets, genomic_sinusoid
-
-# ten genes: three on chr1, three on chr2, one unknown, two on chr3, one more on chr1 at its far end
-CHROM = torch.tensor([1, 1, 1, 2, 2, 0, 3, 3, 1, 2])
-START = torch.tensor([100., 5_000., 2e6, 10., 1e8, -1., 3., 4., 2.4e8, 7.])
-# gene -> gene sets (CSR): gene 0 in sets 0 and 1, gene 1 in set 1, gene 3 in sets 2 and 3, gene 4 in set 4, ...
-PTR = torch.tensor([0, 2, 3, 3, 5, 6, 6, 7, 7, 7, 7])
-IDX = torch.tensor([0, 1, 1, 2, 3, 4, 0])
-
-
-def small(**kw):
-    args = dict(n_genes=10, n_embd=32, n_layer=3, n_head=4, dim_head=8, attention='sdpa', input_genes='expressed',
-                value_emb='continuous', n_classes=3, head='pooled', norm='rmsnorm', mlp='swiglu', bias=False)
-    args.update(kw)
-    torch.manual_seed(0)
-    model = ScBERT(ModelConfig(**args))
-    model.set_gene_annotation(CHROM, START, PTR, IDX)
-    return model.eval()
 
 
 def cells():
@@ -41,7 +25,8 @@ def test_factorized_embedding_shapes_and_count():
     saved = ScBERT(ModelConfig(**big)).num_params() - ScBERT(ModelConfig(**big, embd_factor=64)).num_params()
     assert saved == 20001 * 200 - (20001 * 64 + 64 * 200)    # at a real vocabulary: 2.7M parameters fewer
     genes = torch.tensor([0, 7, 10])
-    torch.testing.assert_close(factored.gene_embedding(genes), factored.gene_emb(genes) @ factored.gene_emb_proj.weight.t())
+    torch.testing.assert_close(factored.gene_embedding(genes),
+                               factored.gene_emb(genes) @ factored.gene_emb_proj.weight.t())
     logits, _ = factored(cells())
     assert logits.shape == (2, 3)
 
@@ -72,9 +57,9 @@ def test_students_and_quantized_models_keep_the_options():
     """A narrower DistilBERT student (random weights) still knows where its genes are; int8 covers DeBERTa's position
     projections like every other attention linear, and the outputs stay close."""
     from lowbit import QuantLinear, quantize
-    from model import distil_student
+    from distill import cut_student
     teacher = small(genomic_pe=True, n_chrom=3, pathway_enc=True, n_pathways=5, n_pathway_links=7, disentangled=True)
-    student = distil_student(teacher, [0], n_embd=16)
+    student = cut_student(teacher, [0], n_embd=16)
     for name in ('gene_chrom', 'gene_start', 'pathway_ptr', 'pathway_idx'):
         torch.testing.assert_close(getattr(student, name), getattr(teacher, name))
     x = cells()
@@ -207,7 +192,6 @@ def test_panel_input_with_every_option():
 # ---------------------------------------------------------------------------------------------------------------------
 # train.py and predict.py end to end, on the 78 real Baron cells annotated with the mouse genome and gene sets
 
-from test_train import ROOT, run, state, user_error  # noqa: E402
 
 GENOME = ROOT.parent / 'shared' / 'data' / 'genome' / 'mouse_gencode_vM38_genes.csv.gz'
 GMT = ROOT.parent / 'shared' / 'data' / 'genesets' / 'mouse_reactome.gmt'

@@ -1,13 +1,10 @@
-"""bench.py end to end on a tiny model, as a subprocess: every field of its JSON is there and sane, the FLOPs per cell are
+"""bench.py end to end on a tiny model, in-process: every field of its JSON is there and sane, the FLOPs per cell are
 the analytic count (written out again here, by hand), that count agrees with torch.utils.flop_counter, and a run that
 would not fit in memory is skipped with a note. No times are asserted."""
 import dataclasses
 import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
+import re
 
 import numpy as np
 import pytest
@@ -15,10 +12,9 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from conftest import SHARED, run_script, user_error
 from model import ModelConfig, ScBERT
 
-ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONUNBUFFERED': '1'}
 TINY = dict(n_genes=64, n_embd=16, n_layer=2, n_head=2, dim_head=8)
 # synthetic cells; every variant shrunk to TINY (the GQA ones to 1 key/value head for their 2 query heads)
 TINY_ARGS = [f'--{k}={v}' for k, v in TINY.items()] + ['--n_kv_head=1', '--dataset=', '--num_threads=1',
@@ -29,8 +25,7 @@ MEASURED = VARIANTS[:8]
 
 
 def bench(*args):
-    return subprocess.run([sys.executable, str(ROOT / 'bench.py'), *map(str, args)], cwd=ROOT, env=ENV,
-                          capture_output=True, text=True, timeout=300)
+    return run_script('bench.py', *args, check=False)
 
 
 @pytest.fixture(scope='module')
@@ -190,10 +185,7 @@ def test_help_and_bad_settings(tmp_path):
                            (['--n_layer=-1'], 'n_layer'), (['--n_classes=-1'], 'n_classes'),
                            ([f'--out={tmp_path / "no" / "b.json"}'], 'folder does not exist'),
                            ([f'--plot={tmp_path}'], 'is a directory')):
-        result = bench(*args, '--peak_flops=1e11')
-        lines = [line for line in result.stderr.splitlines() if line.startswith('error:')]
-        assert result.returncode != 0 and 'Traceback' not in result.stderr, (args, result.stderr[-2000:])
-        assert len(lines) == 1 and expected in lines[0], (args, lines)
+        user_error(bench(*args, '--peak_flops=1e11'), re.escape(expected))
 
 
 def test_checkpoint_variant_runs_on_the_cells_mapped_to_its_genes(baron, tmp_path):
@@ -209,8 +201,8 @@ def test_checkpoint_variant_runs_on_the_cells_mapped_to_its_genes(baron, tmp_pat
     torch.save({'model': model.state_dict(), 'model_args': dataclasses.asdict(cfg), 'vocab': genes,
                 'label_names': ['a', 'b', 'c'], 'log_base': 2.0}, tmp_path / 'ckpt.pt')
     result = bench(f'--variants={tmp_path / "ckpt.pt"}', f'--dataset={baron}', '--batch_sizes=1,4', '--repeats=1',
-                   '--warmup=0', '--num_threads=1', '--peak_flops=1e11', '--train=False', f'--out={tmp_path / "b.json"}',
-                   '--plot=')
+                   '--warmup=0', '--num_threads=1', '--peak_flops=1e11', '--train=False',
+                   f'--out={tmp_path / "b.json"}', '--plot=')
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     v = json.loads((tmp_path / 'b.json').read_text())['variants'][0]
     assert v['checkpoint'] == str(tmp_path / 'ckpt.pt') and v['params'] == model.num_params()
@@ -228,8 +220,8 @@ def test_scbert2_on_real_cells_flops_and_mask_cost(baron, tmp_path):
     tokens, agree with torch's flop counter, and the padding mask's cost is measured at the same shape."""
     from data import Dataset, cell_seeds, expressed_batch
     out = tmp_path / 'bench.json'
-    result = bench('--variants=scbert2_small', f'--dataset={baron}', '--batch_sizes=1,3', '--train_batch_size=3', '--repeats=1',
-                   '--warmup=0', '--num_threads=1', '--peak_flops=1e11', f'--out={out}')
+    result = bench('--variants=scbert2_small', f'--dataset={baron}', '--batch_sizes=1,3', '--train_batch_size=3',
+                   '--repeats=1', '--warmup=0', '--num_threads=1', '--peak_flops=1e11', f'--out={out}')
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     v = json.loads(out.read_text())['variants'][0]
     cfg = ModelConfig(**v['model_config'])
@@ -263,7 +255,7 @@ def test_pretrained_checkpoints_time_masked_modelling(baron, tmp_path):
     torch.save({'model': ScBERT(cfg).state_dict(), 'model_args': dataclasses.asdict(cfg), 'vocab': vocab},
                tmp_path / 'pretrained.pt')
     variants = [str(tmp_path / 'pretrained.pt')]
-    original = ROOT.parent / 'shared' / 'data' / 'scbert_ref' / 'pretrain_state_dict.pt'
+    original = SHARED / 'scbert_ref' / 'pretrain_state_dict.pt'
     if original.exists():
         variants.append(str(original))
     result = bench(f'--variants={",".join(variants)}', f'--dataset={baron}', '--batch_sizes=1', '--train_batch_size=2',

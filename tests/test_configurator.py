@@ -1,12 +1,10 @@
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from configurator import configure  # noqa: E402
+from conftest import ROOT, run_script
+from configurator import configure
 
 SOURCE = '''"""Train a tiny model."""
 batch_size = 32  # cells per optimizer step
@@ -169,9 +167,9 @@ def test_user_facing_error_is_one_line_without_traceback(tmp_path):
     script.write_text(f'import sys\nsys.path.insert(0, {str(ROOT)!r})\n'
                       'batch_size = 32  # cells per step\n'
                       'from configurator import configure\nconfig = configure(globals())\nprint(config)\n')
-    bad = subprocess.run([sys.executable, str(script), '--batchsize=64'], capture_output=True, text=True)
+    bad = run_script(script, '--batchsize=64', check=False)
     assert bad.returncode == 2
     assert bad.stdout == ''
     assert bad.stderr == "error: unknown setting 'batchsize' (did you mean 'batch_size'?; see --help)\n"
-    good = subprocess.run([sys.executable, str(script), '--batch_size=64'], capture_output=True, text=True)
+    good = run_script(script, '--batch_size=64')
     assert good.returncode == 0 and good.stdout == "{'batch_size': 64}\n" and good.stderr == ''

@@ -9,30 +9,11 @@ import pytest
 import torch
 
 import data
+from conftest import FIXTURES, SHARED, dense, lognorm_reference, write_h5ad
 from data import UserError
 
-torch.set_num_threads(1)
-SHARED = Path(__file__).resolve().parents[1].parent / 'shared' / 'data'
-FIXTURES = SHARED / 'fixtures'
 if not SHARED.is_dir():
     pytest.skip(f'test data not found at {SHARED}', allow_module_level=True)
-
-
-def dense(h5, matrix, chunk=4096):
-    """Densify a matrix through iter_rows -> float32 [n_obs, n_vars]."""
-    blocks = []
-    for start, indptr, indices, values in h5.iter_rows(matrix, chunk):
-        block = np.zeros((len(indptr) - 1, len(h5.var_names(matrix))), np.float32)
-        block[np.repeat(np.arange(len(block)), np.diff(indptr)), indices] = values
-        blocks.append(block)
-    return np.concatenate(blocks)
-
-
-def lognorm_reference(counts, log_base=2.0):
-    """normalize each cell to 1e4 counts over all its genes, then log1p in log_base (float64)."""
-    counts = counts.astype(np.float64)
-    total = counts.sum(1, keepdims=True)
-    return np.log1p(counts / np.where(total > 0, total, 1) * 1e4) / math.log(log_base)
 
 
 def aligned_dense(processed):
@@ -44,25 +25,6 @@ def aligned_dense(processed):
         n_expressed.append(c.n_expressed)
         assert all((np.diff(c.indices[a:b]) > 0).all() for a, b in zip(c.indptr[:-1], c.indptr[1:]))
     return out, np.concatenate(n_expressed)
-
-
-def write_h5ad(path, X, genes, obs=None):
-    """A small anndata-0.8-style .h5ad: dense X, obs/var dataframes with _index, categorical obs columns."""
-    text = h5py.string_dtype('utf-8')
-    with h5py.File(path, 'w') as f:
-        f.attrs.update({'encoding-type': 'anndata', 'encoding-version': '0.1.0'})
-        f.create_dataset('X', data=X).attrs.update({'encoding-type': 'array', 'encoding-version': '0.2.0'})
-        for name, index, columns in [('obs', [f'cell{i}' for i in range(len(X))], obs or {}), ('var', genes, {})]:
-            frame = f.create_group(name)
-            frame.attrs.update({'_index': '_index', 'encoding-type': 'dataframe', 'encoding-version': '0.2.0'})
-            frame.attrs.create('column-order', list(columns), dtype=text)
-            frame.create_dataset('_index', data=np.array(index, dtype=object), dtype=text)
-            for key, values in columns.items():
-                categories = sorted(set(values))
-                column = frame.create_group(key)
-                column.attrs.update({'encoding-type': 'categorical', 'encoding-version': '0.2.0', 'ordered': False})
-                column['codes'] = np.array([categories.index(v) for v in values], dtype=np.int8)
-                column.create_dataset('categories', data=np.array(categories, dtype=object), dtype=text)
 
 
 # ---------------------------------------------------------------------------------------------------- reading

@@ -2,21 +2,17 @@
 distill.py end to end on the 78 real Baron cells: distillation raises the student's agreement with its teacher, for
 fine-tuning and for pretraining, and its checkpoint annotates with predict.py."""
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from model import ModelConfig, ScBERT, cosine_loss, distil_student, kd_loss
-from test_train import ENV, ROOT, run, state, user_error  # the subprocess helpers
-
-SMALL = ['--n_embd=16', '--n_head=4', '--dim_head=4', '--head_hidden=16', '--num_threads=1', '--batch_size=8',
-         '--baseline=False']
-V2 = ['--input_genes=expressed', '--attention=sdpa', '--head=pooled', '--n_kv_head=2', '--norm=rmsnorm',
-      '--mlp=swiglu', '--n_expert=4', '--n_expert_active=2', '--value_emb=continuous', '--n_bins=7']
+from conftest import FIXTURES, V2, run_distill, state, torchrun, user_error
+from conftest import V2_SMALL as SMALL
+from conftest import run_script as run
+from distill import cosine_loss, cut_student, kd_loss
+from model import ModelConfig, ScBERT
 
 
 def test_kd_loss_is_the_kl_of_softened_distributions_times_t_squared():
@@ -65,7 +61,7 @@ def test_student_is_made_of_the_chosen_teacher_blocks(expressed):
         args.update(input_genes='expressed', attention='sdpa', value_emb='continuous', n_expert=2, n_kv_head=1)
     torch.manual_seed(0)
     teacher = ScBERT(ModelConfig(**args))
-    student = distil_student(teacher, [0, 2])                       # DistilBERT: every other block
+    student = cut_student(teacher, [0, 2])                       # DistilBERT: every other block
     assert student.config.n_layer == 2 and student.num_params() < teacher.num_params()
     t, s = teacher.state_dict(), student.state_dict()
     for name, value in s.items():
@@ -76,33 +72,31 @@ def test_student_is_made_of_the_chosen_teacher_blocks(expressed):
             assert torch.equal(value, t[name]), name
     # a "student" of every block is the teacher itself
     x = (torch.randint(0, 6, (2, 31)) if not expressed else
-         {'genes': torch.tensor([[3, 7, 9], [1, 2, -1]]), 'values': torch.rand(2, 3), 'bins': torch.randint(1, 5, (2, 3))})
-    whole = distil_student(teacher, [0, 1, 2, 3]).eval()
+         {'genes': torch.tensor([[3, 7, 9], [1, 2, -1]]), 'values': torch.rand(2, 3),
+          'bins': torch.randint(1, 5, (2, 3))})
+    whole = cut_student(teacher, [0, 1, 2, 3]).eval()
     assert torch.equal(whole(x)[0], teacher.eval()(x)[0])
     # blocks 1 and 3 instead; a narrower student starts at random with the teacher's other settings
-    assert torch.equal(distil_student(teacher, [1, 3]).state_dict()['blocks.1.ln_1.weight'], t['blocks.3.ln_1.weight'])
-    narrow = distil_student(teacher, [0, 2], n_embd=8)
+    assert torch.equal(cut_student(teacher, [1, 3]).state_dict()['blocks.1.ln_1.weight'], t['blocks.3.ln_1.weight'])
+    narrow = cut_student(teacher, [0, 2], n_embd=8)
     assert narrow.config.n_embd == 8 and narrow.config.n_layer == 2 and narrow.config.n_head == 2
     assert narrow.gene_emb.weight.shape == (31, 8)
     frozen = ScBERT(ModelConfig(**args, freeze_gene_emb=True))                  # a gene2vec teacher
-    assert distil_student(frozen, [0, 2], n_embd=8).gene_emb.weight.requires_grad
-    assert not distil_student(frozen, [0, 2]).gene_emb.weight.requires_grad
+    assert cut_student(frozen, [0, 2], n_embd=8).gene_emb.weight.requires_grad
+    assert not cut_student(frozen, [0, 2]).gene_emb.weight.requires_grad
 
 
-@pytest.fixture(scope='module')
-def teacher(baron, tmp_path_factory):
-    """A small scBERT 2.0 (2 blocks, MoE) fine-tuned on the Baron cells."""
-    out = tmp_path_factory.mktemp('teacher')
-    run('train.py', f'--dataset={baron}', f'--out_dir={out}', *SMALL, *V2, '--n_layer=2', '--max_iters=40',
-        '--eval_interval=20', '--learning_rate=3e-3', '--warmup_iters=2')
-    return out / 'best.pt'
+@pytest.fixture
+def teacher(scbert2_model):
+    """A small scBERT 2.0 (2 blocks, MoE) fine-tuned on the Baron cells (conftest's scbert2_model: read only)."""
+    return scbert2_model
 
 
 def test_distillation_raises_agreement_with_the_teacher(baron, teacher, tmp_path):
     """A narrower student starts at random; distilling makes it predict what its teacher predicts. No labels
     (alpha_mlm = 0): what it learns, it learns from the teacher."""
     out = tmp_path / 'student'
-    result = run('distill.py', f'--dataset={baron}', f'--teacher={teacher}', f'--out_dir={out}', '--num_threads=1',
+    result = run_distill(f'--dataset={baron}', f'--teacher={teacher}', f'--out_dir={out}', '--num_threads=1',
                  '--batch_size=8', '--baseline=False', '--student_n_embd=8', '--max_iters=60', '--eval_interval=10',
                  '--learning_rate=1e-2', '--warmup_iters=2', '--alpha_mlm=0')
     assert 'distilling' in result.stdout and 'agrees with the teacher' in result.stdout
@@ -114,7 +108,7 @@ def test_distillation_raises_agreement_with_the_teacher(baron, teacher, tmp_path
     metrics = json.loads((out / 'metrics.json').read_text())
     assert 0 <= metrics['test']['teacher_agreement'] <= 1
     # the student is an ordinary checkpoint: predict.py annotates with it
-    run('predict.py', f'--ckpt={out / "best.pt"}', f'--input={ROOT.parent / "shared/data/fixtures/counts_csr.h5ad"}',
+    run('predict.py', f'--ckpt={out / "best.pt"}', f'--input={FIXTURES / "counts_csr.h5ad"}',
         f'--output={tmp_path / "p.csv"}')
     assert len((tmp_path / 'p.csv').read_text().splitlines()) == 79
 
@@ -124,13 +118,14 @@ def test_half_depth_student_starts_from_the_teacher(baron, teacher, tmp_path):
     out = tmp_path / 'student'
     common = [f'--dataset={baron}', f'--teacher={teacher}', f'--out_dir={out}', '--num_threads=1', '--batch_size=8',
               '--baseline=False', '--max_iters=6', '--eval_interval=3', '--learning_rate=1e-4', '--warmup_iters=1']
-    run('distill.py', *common, '--stop_iter=3')
+    run_distill(*common, '--stop_iter=3')
     t, s = state(teacher)['model'], state(out / 'ckpt.pt')['model']
-    assert s['blocks.0.attn.to_q.weight'].shape == t['blocks.0.attn.to_q.weight'].shape and 'blocks.1.ln_1.weight' not in s
+    assert s['blocks.0.attn.to_q.weight'].shape == t['blocks.0.attn.to_q.weight'].shape
+    assert 'blocks.1.ln_1.weight' not in s
     assert torch.allclose(s['gene_emb.weight'], t['gene_emb.weight'], atol=0.05)     # 4 small steps from the teacher's
-    run('distill.py', *common, '--init_from=resume')
+    run_distill(*common, '--init_from=resume')
     straight = tmp_path / 'straight'
-    run('distill.py', *[c if not c.startswith('--out_dir') else f'--out_dir={straight}' for c in common])
+    run_distill(*[c if not c.startswith('--out_dir') else f'--out_dir={straight}' for c in common])
     a, b = state(out / 'ckpt.pt')['model'], state(straight / 'ckpt.pt')['model']
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)                      # resume = one run
 
@@ -139,7 +134,7 @@ def test_pretraining_distillation_with_values(baron, tmp_path):
     teacher_dir, out = tmp_path / 'teacher', tmp_path / 'student'
     run('train.py', '--mode=pretrain', f'--dataset={baron}', f'--out_dir={teacher_dir}', *SMALL, *V2, '--n_layer=2',
         '--max_iters=20', '--eval_interval=10', '--learning_rate=3e-3', '--warmup_iters=2')
-    result = run('distill.py', '--mode=pretrain', f'--dataset={baron}', f'--teacher={teacher_dir / "best.pt"}',
+    result = run_distill('--mode=pretrain', f'--dataset={baron}', f'--teacher={teacher_dir / "best.pt"}',
                  f'--out_dir={out}', '--num_threads=1', '--batch_size=8', '--max_iters=20', '--eval_interval=10',
                  '--learning_rate=3e-3', '--warmup_iters=2')
     assert 'value MSE' in result.stdout and 'masked-bin accuracy' in result.stdout
@@ -150,7 +145,8 @@ def test_pretraining_distillation_with_values(baron, tmp_path):
 
 def test_bad_distillation_input(baron, teacher, tmp_path):
     out = f'--out_dir={tmp_path / "o"}'
-    for args, pattern in (([], 'needs a teacher'), ([f'--teacher={tmp_path / "none.pt"}'], r'not found \(check --teacher'),
+    for args, pattern in (([], 'needs a teacher'),
+                          ([f'--teacher={tmp_path / "none.pt"}'], r'not found \(check --teacher'),
                           ([f'--teacher={teacher}', '--student_layers=1,0'], 'student_layers'),
                           ([f'--teacher={teacher}', '--temperature=0'], 'temperature'),
                           ([f'--teacher={teacher}', '--student_layers=0,1'], 'smaller than the teacher'),
@@ -160,10 +156,10 @@ def test_bad_distillation_input(baron, teacher, tmp_path):
                           ([f'--teacher={teacher}', '--fold=all'], '{fold}'),
                           ([f'--teacher={teacher}', '--mode=pretrain'], 'is fine-tuned'),
                           ([f'--teacher={teacher}', f'--out_dir={teacher.parent}'], 'overwrite its teacher')):
-        result = run('distill.py', f'--dataset={baron}', out, *args, check=False)
+        result = run_distill(f'--dataset={baron}', out, *args, check=False)
         user_error(result, pattern)
         assert not (tmp_path / 'o').exists()                      # nothing written
-    assert 'alpha_ce' in run('distill.py', '--help').stdout
+    assert 'alpha_ce' in run_distill('--help').stdout
 
 
 @pytest.mark.parametrize('kind', ['scbert', 'expressed', 'expressed_pretrain'])
@@ -177,11 +173,8 @@ def test_ddp_distillation_matches_one_process(baron, tmp_path, kind):
         tiny += [a for a in V2 if not a.startswith('--n_expert')] + ['--max_genes=64']
     run('train.py', *tiny, f'--out_dir={tmp_path / "teacher"}', '--max_iters=10', '--batch_size=8', '--num_threads=1')
     args = [*tiny, f'--teacher={tmp_path / "teacher" / "best.pt"}', '--student_n_embd=8', '--max_iters=5']
-    run('distill.py', *args, f'--out_dir={tmp_path / "one"}', '--batch_size=8', '--num_threads=1')
-    torchrun = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']
-    result = subprocess.run([*torchrun, str(ROOT / 'distill.py'), *args, f'--out_dir={tmp_path / "two"}',
-                             '--batch_size=4'], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_distill(*args, f'--out_dir={tmp_path / "one"}', '--batch_size=8', '--num_threads=1')
+    torchrun('distill.py', *args, f'--out_dir={tmp_path / "two"}', '--batch_size=4')      # DDP: real processes
     one, two = state(tmp_path / 'one' / 'ckpt.pt'), state(tmp_path / 'two' / 'ckpt.pt')
     for k in one['model']:
         assert torch.allclose(one['model'][k].float(), two['model'][k].float(), atol=1e-5), k

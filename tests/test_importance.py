@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import small   # a 10-gene model with a gene annotation, in eval mode
 from model import ScBERT, repeat_kv, softmax_kernel
-from test_albert_deberta import small   # a 10-gene model with a gene annotation, in eval mode
 
 REF = Path(__file__).resolve().parents[1].parent / 'shared' / 'data' / 'scbert_ref'
 

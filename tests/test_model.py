@@ -109,7 +109,7 @@ def test_from_scbert_pretrained_matches_reference():
 
 def test_from_scbert_finetuned_matches_reference_and_accepts_wrappers():
     io, sd = load('io.pt'), load('finetune_state_dict.pt')
-    wrapped = {'model_state_dict': {'module.' + k: v for k, v in sd.items()}, 'epoch': 3}   # as saved by DDP finetune.py
+    wrapped = {'model_state_dict': {'module.' + k: v for k, v in sd.items()}, 'epoch': 3}  # as DDP finetune.py saves
     model = ScBERT.from_scbert(wrapped).eval()
     assert model.config.n_classes == 5 and model.config.head == 'scbert'
     with torch.no_grad():

@@ -158,7 +158,8 @@ def test_mahalanobis_ignores_classes_without_cells():
 
 def _knn_reference(bank, query, k):
     """1 - the k-th largest cosine similarity of each query to the bank rows."""
-    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)
+    def unit(x):
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
     sims = np.sort(unit(query) @ unit(bank).T, axis=1)[:, ::-1]
     return 1 - sims[:, k - 1]
 

@@ -9,12 +9,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import FIXTURES, SHARED, run_distill, state, user_error
+from conftest import run_script as run
 from data import Dataset, dataset_input, fold_split
 from lowbit import QuantLinear, int8_gemm_available, pack_ternary, packed_state_dict, quantize, unpack_ternary
 from model import (BitLinear, ModelConfig, ScBERT, absmax_int8, absmean_ternary, as_bitlinear, calibrate_bitlinear,
                    fake_quant)
-from test_distill import teacher  # noqa: F401  (a fixture: a small scBERT 2.0 fine-tuned on the Baron cells)
-from test_train import ROOT, run, state, user_error
+
+
+@pytest.fixture
+def teacher(scbert2_model):
+    """A small scBERT 2.0 (2 blocks, MoE) fine-tuned on the Baron cells (conftest's scbert2_model: read only)."""
+    return scbert2_model
+
 
 SCBERT_CFG = dict(n_genes=30, n_embd=32, n_layer=2, n_head=4, dim_head=8, n_classes=3)
 V2_CFG = dict(SCBERT_CFG, input_genes='expressed', attention='sdpa', n_kv_head=2, norm='rmsnorm', mlp='swiglu',
@@ -27,7 +34,8 @@ def inputs(cfg, n=6):
         return torch.randint(0, 6, (n, cfg['n_genes'] + 1), generator=g)
     genes = torch.stack([torch.randperm(cfg['n_genes'], generator=g)[:12] for _ in range(n)])
     genes[0, 8:] = -1                                                  # padding
-    return {'genes': genes, 'values': torch.rand(n, 12, generator=g) * 3, 'bins': torch.randint(1, 7, (n, 12), generator=g)}
+    return {'genes': genes, 'values': torch.rand(n, 12, generator=g) * 3,
+            'bins': torch.randint(1, 7, (n, 12), generator=g)}
 
 
 def clone(model):
@@ -83,7 +91,8 @@ def test_straight_through_gradients_flow():
     out = layer(x.detach())
     assert torch.allclose(out, F.linear(fake_quant(layer.norm(x.detach()), absmax_int8), w_q[0] * w_q[1], layer.bias))
     out.pow(2).sum().backward()
-    assert layer.weight.grad.abs().sum() > 0 and layer.bias.grad.abs().sum() > 0 and layer.norm.weight.grad.abs().sum() > 0
+    assert layer.weight.grad.abs().sum() > 0 and layer.bias.grad.abs().sum() > 0
+    assert layer.norm.weight.grad.abs().sum() > 0
     # a bitlinear model trains: every latent weight gets a gradient, MoE experts included
     torch.manual_seed(0)
     model = ScBERT(ModelConfig(**V2_CFG, bitlinear=True))
@@ -108,7 +117,8 @@ def test_int8_kernel_matches_the_reference_arithmetic(ternary):
     w_deq = layer.weight_int8.float() * layer.weight_scale[:, None]
     exact = F.linear(x, w_deq, bias)                                   # the quantized weights, float activations
     # per token the activation error is ~1/2 step of the token's own absmax: every token is close, small or large
-    for a, tol in ((ref, 0.01), (fast, 0.03 if not ternary else 0.015)):    # the kernel: 7-bit (int8) / 8-bit activations
+    # the kernel: 7-bit (int8) / 8-bit activations
+    for a, tol in ((ref, 0.01), (fast, 0.03 if not ternary else 0.015)):
         per_token = ((a - exact).norm(dim=-1) / exact.norm(dim=-1))
         assert per_token.max() < tol, per_token.max()
     if not ternary:
@@ -226,7 +236,7 @@ def test_quantize_py_int8_on_real_cells(baron, teacher, tmp_path):
     assert q['default'] == fp['default'] and q['bank'].shape == fp['bank'].shape
     assert not torch.equal(q['class_means'], fp['class_means'])
     assert torch.allclose(q['class_means'], fp['class_means'], rtol=0.1, atol=0.05 * fp['class_means'].abs().max())
-    result = run('predict.py', f'--ckpt={out}', f'--input={ROOT.parent / "shared/data/fixtures/counts_csr.h5ad"}',
+    result = run('predict.py', f'--ckpt={out}', f'--input={FIXTURES / "counts_csr.h5ad"}',
                  f'--output={tmp_path / "p.csv"}')
     assert len((tmp_path / 'p.csv').read_text().splitlines()) == 79
     assert f"{fp['default']} score >" in result.stdout
@@ -247,7 +257,7 @@ def test_quantize_py_post_training_ternary(baron, teacher, tmp_path):
     norms = [m.norm.weight for m in model.quantized_linears() if m.norm is not None] + \
         [b.mlp.norm_in.weight for b in model.blocks]
     assert all(not torch.allclose(w, torch.ones_like(w)) for w in norms)        # every gain calibrated
-    run('predict.py', f'--ckpt={out}', f'--input={ROOT.parent / "shared/data/fixtures/counts_csr.h5ad"}',
+    run('predict.py', f'--ckpt={out}', f'--input={FIXTURES / "counts_csr.h5ad"}',
         f'--output={tmp_path / "p.csv"}')
     assert len((tmp_path / 'p.csv').read_text().splitlines()) == 79
 
@@ -303,7 +313,7 @@ def test_bad_quantization_input(baron, teacher, tmp_path):
     # a quantized file is for inference: train.py refuses to start from it
     user_error(run('train.py', f'--dataset={baron}', f'--init_from={tmp_path / "q.pt"}', f'--out_dir={tmp_path / "o"}',
                    check=False), 'quantized')
-    user_error(run('distill.py', f'--dataset={baron}', f'--teacher={teacher}', '--bitlinear=True',
+    user_error(run_distill(f'--dataset={baron}', f'--teacher={teacher}', '--bitlinear=True',
                    f'--out_dir={tmp_path / "o"}', check=False), 'bitlinear with a teacher')
     assert not (tmp_path / 'o').exists()
     assert 'calibration_cells' in run('quantize.py', '--help').stdout
@@ -312,7 +322,7 @@ def test_bad_quantization_input(baron, teacher, tmp_path):
 def test_quantize_py_on_the_original_release_checkpoint(tmp_path):
     """An original scBERT fine-tuned checkpoint (the reference run's, 1,023 genes): quantize.py needs its panel and
     class names to write a self-contained file, whose int8 logits stay close to the original code's outputs."""
-    ref = ROOT.parent / 'shared' / 'data' / 'scbert_ref'
+    ref = SHARED / 'scbert_ref'
     if not ref.exists():
         pytest.skip('shared data not available')
     (tmp_path / 'genes.txt').write_text('\n'.join(f'G{i}' for i in range(1023)) + '\n')

@@ -387,7 +387,8 @@ def test_masked_loss_is_weighted_ce_plus_mse_over_masked_positions():
     assert sel.sum() == 5
     logp = logits['bins'].log_softmax(-1)
     ce = -torch.stack([logp[b, t, targets['bins'][b, t]] for b, t in sel.nonzero().tolist()]).mean()
-    mse = torch.stack([(logits['values'][b, t] - targets['values'][b, t]) ** 2 for b, t in sel.nonzero().tolist()]).mean()
+    mse = torch.stack([(logits['values'][b, t] - targets['values'][b, t]) ** 2
+                       for b, t in sel.nonzero().tolist()]).mean()
     assert loss.item() == pytest.approx((0.7 * ce + 2.5 * mse).item(), rel=1e-5)
     _, plain = model(x, targets, task='mlm')
     assert plain.item() == pytest.approx((ce + mse).item(), rel=1e-5)
@@ -403,7 +404,8 @@ def test_masked_loss_ignores_unmasked_positions():
         assert model(x, other, task='mlm', mlm_weight=0.7, regression_weight=2.5)[1].item() == loss.item()
         # other predictions where nothing was masked: the heads' outputs shifted there by hooks
         hooks = [model.value_head.register_forward_hook(lambda m, i, o: o + 50.0 * (~sel)[..., None]),
-                 model.lm_head.register_forward_hook(lambda m, i, o: o + 50.0 * torch.randn(o.shape) * (~sel)[..., None])]
+                 model.lm_head.register_forward_hook(
+                     lambda m, i, o: o + 50.0 * torch.randn(o.shape) * (~sel)[..., None])]
         logits2, loss2 = model(x, targets, task='mlm', mlm_weight=0.7, regression_weight=2.5)
         for h in hooks:
             h.remove()
@@ -412,7 +414,8 @@ def test_masked_loss_ignores_unmasked_positions():
         assert loss2.item() == pytest.approx(loss.item(), rel=1e-6)
         # while a masked position's target does count
         moved = dict(targets, values=torch.where(sel, targets['values'] + 1.0, targets['values']))
-        assert model(x, moved, task='mlm', mlm_weight=0.7, regression_weight=2.5)[1].item() != pytest.approx(loss.item())
+        moved_loss = model(x, moved, task='mlm', mlm_weight=0.7, regression_weight=2.5)[1]
+        assert moved_loss.item() != pytest.approx(loss.item())
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -451,7 +454,8 @@ def test_quantile_bins_are_balanced_without_ties():
 
 def test_value_bins_dispatch():
     indptr, _, values = random_csr([8, 12], seed=1)
-    np.testing.assert_array_equal(data.value_bins(indptr, values, 2.0, 'quantile', 5), data.quantile_bins(indptr, values, 5))
+    np.testing.assert_array_equal(data.value_bins(indptr, values, 2.0, 'quantile', 5),
+                                  data.quantile_bins(indptr, values, 5))
     for emb in ('bins', 'continuous'):
         np.testing.assert_array_equal(data.value_bins(indptr, values, 2.0, emb, 5),
                                       np.minimum(np.floor(values), 5).astype(np.int64))
@@ -470,14 +474,16 @@ def test_expressed_batch_shapes_and_padding():
     batch = data.expressed_batch(indptr, indices, values, data.cell_seeds(indptr, indices), cfg, 2.0)
     assert set(batch) == {'genes', 'values', 'bins'}
     assert batch['genes'].shape == batch['values'].shape == batch['bins'].shape == (4, 20)
-    assert batch['genes'].dtype == torch.long and batch['bins'].dtype == torch.long and batch['values'].dtype == torch.float32
+    assert batch['genes'].dtype == torch.long and batch['bins'].dtype == torch.long
+    assert batch['values'].dtype == torch.float32
     bins = data.quantile_bins(indptr, values, cfg.n_bins)
     for i, (a, b) in enumerate(zip(indptr[:-1], indptr[1:])):
         n = b - a
         assert batch['genes'][i, :n].tolist() == indices[a:b].tolist()
         np.testing.assert_array_equal(batch['values'][i, :n].numpy(), values[a:b])
         assert batch['bins'][i, :n].tolist() == bins[a:b].tolist()
-        assert (batch['genes'][i, n:] == -1).all() and (batch['values'][i, n:] == 0).all() and (batch['bins'][i, n:] == 0).all()
+        assert (batch['genes'][i, n:] == -1).all() and (batch['values'][i, n:] == 0).all()
+        assert (batch['bins'][i, n:] == 0).all()
     assert torch.equal(token_valid(batch)[:, 1:], batch['genes'] >= 0) and token_valid(batch)[:, 0].all()
 
 
@@ -494,7 +500,8 @@ def test_expressed_batch_max_genes_subsets():
         assert cells(batch, 0) == truth[0]                                  # fewer than max_genes: all of them
         for i in (1, 2):
             got = cells(batch, i)
-            assert len(got) == 8 and all(truth[i][g] == got[g] for g in got)   # bins from the whole cell, before dropping
+            # bins from the whole cell, before dropping
+            assert len(got) == 8 and all(truth[i][g] == got[g] for g in got)
             genes = batch['genes'][i].tolist()
             assert genes == sorted(genes)                                   # kept in vocab order
         subsets.append(tuple(batch['genes'][1].tolist()))
@@ -548,7 +555,8 @@ def test_expressed_batch_masking(replace_prob, masking):
         else:                                                               # scBERT's rule: expressed genes only
             assert chosen.sum() == math.ceil(0.3 * (n - 3)) and (plain['values'][i][chosen] > 0).all()
         assert torch.equal(batch['target_bins'][i][chosen], plain['bins'][i][chosen])
-        assert torch.equal(batch['target_values'][i][real], plain['values'][i][real])   # the true values, before masking
+        # the true values, before masking
+        assert torch.equal(batch['target_values'][i][real], plain['values'][i][real])
         replaced = batch['bins'][i] == cfg.mask_id
         assert not replaced[~chosen].any()
         assert (batch['values'][i][replaced] == 0).all()
@@ -601,7 +609,7 @@ def test_adafactor_reduces_the_loss():
         optim.zero_grad()
         loss.backward()
         optim.step()
-    # torch's Adafactor steps are relative to each parameter's RMS (N(0, 0.02) here), so the loss falls slowly but surely
+    # torch's Adafactor steps are relative to each parameter's RMS (N(0, 0.02) here): the loss falls slowly but surely
     assert all(b < a for a, b in zip(losses, losses[1:])), losses
     assert losses[-1] < losses[0] - 0.03, losses
     # factored second moments: a row and a column vector per matrix, per expert for the stacked expert weights

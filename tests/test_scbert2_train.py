@@ -1,19 +1,17 @@
-"""train.py (and predict.py) end to end with scBERT 2.0's options, as subprocesses on the 78 real Baron cells:
+"""train.py (and predict.py) end to end with scBERT 2.0's options, in-process on the 78 real Baron cells:
 an expressed-input MoE fine-tunes and predicts, expressed pretraining logs the masked-value MSE and fine-tunes on,
 DDP with MoE matches one process, --test_batch holds out a donor, and Adafactor trains. Every run is a few steps."""
 import csv
 import json
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 
-from test_train import ENV, ROOT, run, state, user_error  # the subprocess helpers
+from conftest import FIXTURES, state, torchrun, user_error
+from conftest import run_script as run
 
-FIXTURES = ROOT.parent / 'shared' / 'data' / 'fixtures'
 SMALL = ['--n_embd=16', '--n_layer=1', '--n_head=4', '--dim_head=4', '--head_hidden=16', '--num_threads=1',
          '--batch_size=8', '--baseline=False']
 # scBERT 2.0 with every option on: expressed genes, GQA, RMSNorm, SwiGLU, a top-2 MoE, the continuous value embedding
@@ -44,7 +42,7 @@ def test_finetune_expressed_moe_writes_outputs_and_predicts(baron, tmp_path):
     assert (args['input_genes'], args['value_emb'], args['n_expert'], args['n_expert_active'], args['n_kv_head'],
             args['norm'], args['mlp'], args['max_genes'], args['head']) == \
         ('expressed', 'continuous', 4, 2, 2, 'rmsnorm', 'swiglu', 64, 'cls')
-    assert best['model']['blocks.0.mlp.w1'].shape[:2] == (4, 48)           # stacked experts: SwiGLU's hidden 8*ceil(128/3/8)
+    assert best['model']['blocks.0.mlp.w1'].shape[:2] == (4, 48)    # stacked experts: SwiGLU's hidden 8*ceil(128/3/8)
     assert best['model']['blocks.0.attn.to_k.weight'].shape == (2 * 4, 16)  # 2 key/value heads of width 4
     history = state(out / 'ckpt.pt')['history']
     assert all(np.isfinite(history['train_loss']))
@@ -105,10 +103,7 @@ def test_ddp_moe_two_processes_match_one(baron, tmp_path, mode):
             '--head_hidden=16', *V2, '--max_genes=200', '--max_iters=4', '--eval_interval=3', '--baseline=False',
             f'--class_weights={mode == "finetune"}', '--aux_loss_weight=0', '--z_loss_weight=0']
     run('train.py', f'--out_dir={tmp_path / "one"}', *args, '--batch_size=8', '--num_threads=1')
-    torchrun = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']
-    result = subprocess.run([*torchrun, str(ROOT / 'train.py'), f'--out_dir={tmp_path / "two"}', *args, '--batch_size=4'],
-                            cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = torchrun('train.py', f'--out_dir={tmp_path / "two"}', *args, '--batch_size=4')   # DDP: real processes
     assert 'Traceback' not in result.stderr
     one, two = state(tmp_path / 'one' / 'ckpt.pt'), state(tmp_path / 'two' / 'ckpt.pt')
     for k in one['model']:

@@ -1,50 +1,21 @@
-"""train.py and predict.py end to end, as subprocesses on small real data: loss falls, resume is exact, DDP matches one
+"""train.py and predict.py end to end, in-process on small real data: loss falls, resume is exact, DDP matches one
 process, original scBERT checkpoints fine-tune and predict, bad input fails cleanly, and the README quick start runs."""
 import csv
 import json
-import os
 import re
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 import torch
 
-from test_data import FIXTURES, SHARED, write_h5ad
-
-ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONUNBUFFERED': '1'}
-TINY = ['--n_embd=16', '--n_layer=1', '--n_head=2', '--dim_head=8', '--head_hidden=16', '--num_threads=1', '--batch_size=8']
+from conftest import FIXTURES, ROOT, SHARED, TINY, state, torchrun, user_error, write_h5ad
+from conftest import run_script as run
 
 
-def run(script, *args, check=True):
-    result = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT, env=ENV,
-                            capture_output=True, text=True, timeout=600)
-    if check and result.returncode != 0:
-        raise AssertionError(f'{script} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}')
-    return result
-
-
-def user_error(result, pattern):
-    """A bad input: non-zero exit, one 'error:' line naming the problem, no traceback."""
-    assert result.returncode != 0
-    assert 'Traceback' not in result.stderr, result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.startswith('error:')]
-    assert len(lines) == 1 and re.search(pattern, lines[0]), result.stderr
-
-
-def state(path):
-    return torch.load(path, weights_only=True)
-
-
-def test_finetune_loss_falls_and_writes_outputs(baron, tmp_path):
-    out = tmp_path / 'out'
-    run('train.py', f'--dataset={baron}', f'--out_dir={out}', *TINY, '--max_iters=60', '--eval_interval=20',
-        '--learning_rate=3e-3', '--warmup_iters=5', '--log_interval=5')
+def test_finetune_loss_falls_and_writes_outputs(scbert_model):
+    out, _ = scbert_model                                      # 60 steps, lr 3e-3, eval every 20, with the baseline
     ckpt = state(out / 'ckpt.pt')
     loss = ckpt['history']['train_loss']                       # starts at ln(13 classes) = 2.56
     assert np.mean(loss[-3:]) < 0.85 * np.mean(loss[:2]), loss
@@ -57,10 +28,8 @@ def test_finetune_loss_falls_and_writes_outputs(baron, tmp_path):
     assert not list(out.glob('*.tmp*'))
 
 
-def test_pretrain_loss_falls(baron, tmp_path):
-    out = tmp_path / 'out'
-    result = run('train.py', '--mode=pretrain', f'--dataset={baron}', f'--out_dir={out}', *TINY, '--max_iters=60',
-                 '--eval_interval=59', '--learning_rate=3e-3', '--warmup_iters=5')
+def test_pretrain_loss_falls(baron, scbert_pretrained, tmp_path):
+    out, result = scbert_pretrained                            # 60 steps, lr 3e-3, evaluated at 0 and 59
     history = state(out / 'ckpt.pt')['history']
     assert history['val_loss'][-1] < history['val_loss'][0] - 0.2, history['val_loss']
     assert history['val_masked_acc'][-1] > history['val_masked_acc'][0]
@@ -113,23 +82,18 @@ def test_ddp_two_processes_match_one(baron, tmp_path, mode):
     # pretraining: the ranks mask different numbers of genes; class weights: different weight sums. Either way the loss
     # must be the mean over the global batch, as in one process.
     args = [f'--dataset={baron}', f'--mode={mode}', '--n_embd=16', '--n_layer=1', '--n_head=2', '--dim_head=8',
-            '--head_hidden=16', '--max_iters=6', '--eval_interval=100', '--baseline=False', '--feature_redraw_interval=2',
-            f'--class_weights={mode == "finetune"}']
+            '--head_hidden=16', '--max_iters=6', '--eval_interval=100', '--baseline=False',
+            '--feature_redraw_interval=2', f'--class_weights={mode == "finetune"}']
     run('train.py', f'--out_dir={tmp_path / "one"}', *args, '--batch_size=8', '--num_threads=1')
-    torchrun = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']
-    result = subprocess.run([*torchrun, str(ROOT / 'train.py'), f'--out_dir={tmp_path / "two"}', *args, '--batch_size=4'],
-                            cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    torchrun('train.py', f'--out_dir={tmp_path / "two"}', *args, '--batch_size=4')        # DDP: real processes
     one, two = state(tmp_path / 'one' / 'ckpt.pt'), state(tmp_path / 'two' / 'ckpt.pt')
     for k in one['model']:
         assert torch.allclose(one['model'][k].float(), two['model'][k].float(), atol=1e-5), k
     assert int(two['model']['n_redraws']) == int(one['model']['n_redraws']) > 0
 
 
-def test_predict_end_to_end(baron, tmp_path):
-    out = tmp_path / 'out'
-    run('train.py', f'--dataset={baron}', f'--out_dir={out}', *TINY, '--max_iters=30', '--eval_interval=10',
-        '--baseline=False', '--learning_rate=3e-3')
+def test_predict_end_to_end(scbert_model, tmp_path):
+    out, _ = scbert_model                                      # read only: every output goes to tmp_path
     source = FIXTURES / 'counts_csr.h5ad'
     result = run('predict.py', f'--ckpt={out / "best.pt"}', f'--input={source}', f'--output={tmp_path / "p.csv"}',
                  f'--output_h5ad={tmp_path / "p.h5ad"}', f'--embeddings={tmp_path / "e.npy"}',
@@ -175,11 +139,13 @@ def test_leave_one_type_out_novelty_and_gene_importance_end_to_end(baron, tmp_pa
     for r in metrics['novelty'].values():
         assert 0 <= r['auroc'] <= 1 and 0 <= r['known_acc'] <= 1 and 0 <= r['novel_acc'] <= 1
     assert metrics['novelty']['scbert_rule']['threshold'] == 0.5
-    assert sum(metrics['novel_called_as'].values()) == 6 and set(metrics['novel_called_as']) <= set(ds.label_names) - {'beta'}
+    assert sum(metrics['novel_called_as'].values()) == 6
+    assert set(metrics['novel_called_as']) <= set(ds.label_names) - {'beta'}
     summary = json.load(open(out / 'novelty.json'))
     assert list(summary['types']) == ['beta'] and (out / 'novelty.md').read_text().count('| beta |') == 1
     best = state(run_dir / 'best.pt')
-    assert 'beta' not in best['label_names'] and len(best['label_names']) == 12 and best['model_args']['n_classes'] == 12
+    assert 'beta' not in best['label_names'] and len(best['label_names']) == 12
+    assert best['model_args']['n_classes'] == 12
     assert best['holdout'] == 'beta'
     novelty = best['novelty']
     assert novelty['default'] == 'knn' and novelty['quantile'] == 0.95 and set(novelty['thresholds']) == {
@@ -208,7 +174,8 @@ def test_leave_one_type_out_novelty_and_gene_importance_end_to_end(baron, tmp_pa
     assert n_cells == {t: sum(r[1] == t for r in rows) for t in predicted}
     per_cell = list(csv.DictReader(open(tmp_path / 'genes' / 'cell_top_genes.csv')))
     assert [r['predicted_label'] for r in per_cell] == [r[1] for r in rows]
-    assert all(len(r['attention'].split(';')) == 10 and set(r['attention'].split(';')) <= set(ds.vocab) for r in per_cell)
+    assert all(len(r['attention'].split(';')) == 10 and set(r['attention'].split(';')) <= set(ds.vocab)
+               for r in per_cell)
     assert all(len(r['integrated_gradients'].split(';')) == 10 for r in per_cell)
     # another calibrated score, and scBERT's threshold without its rule: a one-line error
     run('predict.py', f'--ckpt={run_dir / "best.pt"}', f'--input={source}', f'--output={tmp_path / "e.csv"}',
@@ -235,8 +202,8 @@ def test_leave_one_type_out_novelty_and_gene_importance_end_to_end(baron, tmp_pa
     assert 'novelty scores refitted on the quantized model' in result.stdout
     assert state(tmp_path / 'q.pt')['novelty']['class_means'].shape == (12, 16)
     # a held-out donor: the novel cells come from that donor only, as the known test cells do
-    run('train.py', f'--dataset={baron}', f'--out_dir={tmp_path / "donor"}', *TINY, '--max_iters=2', '--eval_interval=1',
-        '--baseline=False', '--holdout=beta', '--test_batch=mouse2')
+    run('train.py', f'--dataset={baron}', f'--out_dir={tmp_path / "donor"}', *TINY, '--max_iters=2',
+        '--eval_interval=1', '--baseline=False', '--holdout=beta', '--test_batch=mouse2')
     donor = json.load(open(tmp_path / 'donor' / 'holdout_beta' / 'metrics.json'))
     mouse2 = ds.meta['batch_names'].index('mouse2')
     assert donor['n_novel'] == int(((ds.labels == beta) & (ds.batch == mouse2)).sum()) < 6
@@ -255,12 +222,13 @@ def test_original_scbert_checkpoint_predicts_and_finetunes(tmp_path):
     (tmp_path / 'labels.txt').write_text('A\nB\nC\nD\nE\n')
     write_h5ad(tmp_path / 'cells.h5ad', io['counts'].numpy(), genes, obs={'cell_type': ['A', 'B', 'A']})
     run('predict.py', f'--ckpt={ref / "finetune_state_dict.pt"}', f'--input={tmp_path / "cells.h5ad"}',
-        f'--vocab={tmp_path / "panel.txt"}', f'--label_names={tmp_path / "labels.txt"}', f'--output={tmp_path / "p.csv"}')
+        f'--vocab={tmp_path / "panel.txt"}', f'--label_names={tmp_path / "labels.txt"}',
+        f'--output={tmp_path / "p.csv"}')
     rows = list(csv.reader(open(tmp_path / 'p.csv')))[1:]
     assert [r[0] for r in rows] == ['cell0', 'cell1', 'cell2']
     prob = io['finetune_prob_single']
     for row, p in zip(rows, prob):
-        assert abs(float(row[2]) - p.max().item()) < 1e-5 and row[1] == 'Unassigned'     # all below 0.5 in the reference
+        assert abs(float(row[2]) - p.max().item()) < 1e-5 and row[1] == 'Unassigned'   # all below 0.5 in the reference
         assert row[3] == 'ABCDE'[p.argsort(descending=True)[1]]
     # without the panel and label files, the original checkpoint is refused with a hint
     user_error(run('predict.py', f'--ckpt={ref / "finetune_state_dict.pt"}', f'--input={tmp_path / "cells.h5ad"}',
@@ -277,8 +245,9 @@ def test_original_scbert_checkpoint_predicts_and_finetunes(tmp_path):
     pretrained = torch.load(ref / 'pretrain_state_dict.pt', weights_only=True)
     assert ckpt['model_args']['n_embd'] == 200 and ckpt['model_args']['n_classes'] == 3
     # finetune_params=scbert trains the head, the final norm and block[-2] only, as the original's finetune.py
-    assert torch.equal(ckpt['model']['blocks.0.attn.to_q.weight'], pretrained['performer.net.layers.0.0.fn.to_q.weight'])
-    assert not torch.equal(ckpt['model']['blocks.4.attn.to_q.weight'], pretrained['performer.net.layers.4.0.fn.to_q.weight'])
+    original = 'performer.net.layers.{}.0.fn.to_q.weight'
+    assert torch.equal(ckpt['model']['blocks.0.attn.to_q.weight'], pretrained[original.format(0)])
+    assert not torch.equal(ckpt['model']['blocks.4.attn.to_q.weight'], pretrained[original.format(4)])
 
 
 def test_bad_input(baron, tmp_path):
@@ -292,10 +261,12 @@ def test_bad_input(baron, tmp_path):
     user_error(run('train.py', f'--dataset={tmp_path / "missing"}', check=False), 'prepare_data')
     user_error(run('train.py', '--batchsize=3', check=False), "did you mean 'batch_size'")
     user_error(run('train.py', f'--dataset={baron}', '--fold=7', check=False), 'fold')
-    user_error(run('predict.py', '--ckpt=missing.pt', f'--input={FIXTURES / "counts_csr.h5ad"}', check=False), 'not found')
+    user_error(run('predict.py', '--ckpt=missing.pt', f'--input={FIXTURES / "counts_csr.h5ad"}', check=False),
+               'not found')
     user_error(run('train.py', f'--dataset={baron}', '--dtype=fp16', check=False), 'dtype must be one of')
     user_error(run('train.py', f'--dataset={baron}', '--optimizer=sgd', check=False), 'optimizer must be one of')
-    user_error(run('train.py', f'--dataset={baron}', '--eval_interval=0', check=False), 'eval_interval must be at least 1')
+    user_error(run('train.py', f'--dataset={baron}', '--eval_interval=0', check=False),
+               'eval_interval must be at least 1')
     if not torch.cuda.is_available():
         user_error(run('train.py', f'--dataset={baron}', '--device=cuda', check=False), 'CUDA is not available')
     (tmp_path / 'truncated.h5ad').write_bytes((FIXTURES / 'counts_csr.h5ad').read_bytes()[:5000])
@@ -320,18 +291,14 @@ def test_readme_quick_start(tmp_path):
         shutil.copy(script, repo)
     shutil.copytree(ROOT / 'config', repo / 'config')
     shutil.copy(ROOT / 'data' / 'pbmc68k_reduced.h5ad', repo / 'data')
-    result = subprocess.run([sys.executable, 'train.py', *TINY, '--max_iters=4', '--eval_interval=2'], cwd=repo, env=ENV,
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run(repo / 'train.py', *TINY, '--max_iters=4', '--eval_interval=2', cwd=repo)
     assert re.search(r'fold 0 test +scBERT +acc \d\.\d+ +macro-F1 \d\.\d+', result.stdout), result.stdout[-2000:]
     assert re.search(r'fold 0 test +logistic regression +acc 0\.[6-9]\d+', result.stdout), result.stdout[-2000:]
     assert json.loads((repo / 'data' / 'pbmc68k' / 'meta.json').read_text())['n_cells'] == 693
     assert (repo / 'out' / 'best.pt').exists()
     # the second command, scBERT 2.0 on the same data, shortened
-    result = subprocess.run([sys.executable, 'train.py', 'config/scbert2_small.py', '--max_iters=3', '--eval_interval=2',
-                             '--batch_size=8', '--out_dir=out2', '--num_threads=1'], cwd=repo, env=ENV,
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run(repo / 'train.py', 'config/scbert2_small.py', '--max_iters=3', '--eval_interval=2', '--batch_size=8',
+                 '--out_dir=out2', '--num_threads=1', cwd=repo)
     assert re.search(r'fold 0 test +scBERT +acc \d\.\d+ +macro-F1 \d\.\d+', result.stdout), result.stdout[-2000:]
     assert torch.load(repo / 'out2' / 'best.pt', weights_only=True)['model_args']['input_genes'] == 'expressed'
 
@@ -356,7 +323,7 @@ def test_gene2vec_is_loaded_and_frozen(baron, tmp_path):
     run('train.py', f'--dataset={baron}', f'--out_dir={tmp_path / "out"}', *TINY, '--max_iters=3', '--eval_interval=2',
         '--baseline=False', f'--gene2vec={tmp_path / "g2v.npy"}')
     emb = state(tmp_path / 'out' / 'ckpt.pt')['model']['gene_emb.weight']
-    assert torch.equal(emb[:-1], torch.from_numpy(weight)) and not emb[-1].any()     # unchanged by training; zero last row
+    assert torch.equal(emb[:-1], torch.from_numpy(weight)) and not emb[-1].any()  # unchanged by training; 0 last row
     np.save(tmp_path / 'bad.npy', weight[:10])
     user_error(run('train.py', f'--dataset={baron}', f'--out_dir={tmp_path / "x"}', *TINY,
                    f'--gene2vec={tmp_path / "bad.npy"}', check=False), 'has shape')

@@ -1,5 +1,6 @@
 """The masking cost in README "Pretraining": CPU time (one thread) to mask one batch of 32 Baron cells, up to 512
-expressed genes each, per strategy (random and dynamic draw as nonzero does). Needs data/baron annotated (README "Data").
+expressed genes each, per strategy (random and dynamic draw as nonzero does). Needs data/baron annotated
+(README "Data").
     python results/issue7/masking_cost.py"""
 import os
 import sys

@@ -54,7 +54,8 @@ print('| run | macro-F1 | vs baseline, paired (folds ahead) | accuracy | paramet
       '(batch 32) | macro-F1 per fold |')
 print('|---|---:|---:|---:|---:|---:|---|')
 for d, f1, f1sd, acc, accsd, params, sp, per_fold, paired in rows:
-    print(f'| {d} | {f1:.3f} ± {f1sd:.3f} | {paired} | {acc:.3f} ± {accsd:.3f} | {params / 1e6:.3f}M | {sp} | {per_fold} |')
+    print(f'| {d} | {f1:.3f} ± {f1sd:.3f} | {paired} | {acc:.3f} ± {accsd:.3f} | {params / 1e6:.3f}M | {sp} '
+          f'| {per_fold} |')
 if rows:
     print(f"| logistic regression (same folds) | {base['macro_f1']['mean']:.3f} ± {base['macro_f1']['sd']:.3f} | | "
           f"{base['accuracy']['mean']:.3f} ± {base['accuracy']['sd']:.3f} | | | |")

@@ -13,7 +13,8 @@ import resource, sys, time, torch
 from model import ModelConfig, ScBERT
 torch.set_num_threads(1)
 torch.manual_seed(0)
-model = ScBERT(ModelConfig(n_genes=16906, n_embd=200, n_layer=6, n_head=10, dim_head=64, n_classes=5, head='scbert')).eval()
+model = ScBERT(ModelConfig(n_genes=16906, n_embd=200, n_layer=6, n_head=10, dim_head=64, n_classes=5,
+                           head='scbert')).eval()
 x = torch.randint(0, 6, (1, 16907))
 x[:, -1] = 0
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

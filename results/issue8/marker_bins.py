@@ -1,7 +1,8 @@
 """How saturated the Baron markers are: the share of cells with each marker in scBERT's top expression bin (bin 5 =
 at least 2^5 - 1 = 31 counts per 10k, log2), in its own type and in the other cells.
 
-    python results/issue8/marker_bins.py > results/issue8/marker_bins.txt      (after prepare_data.py ... --name=baron1k)"""
+    python results/issue8/marker_bins.py > results/issue8/marker_bins.txt
+(after prepare_data.py ... --name=baron1k)"""
 import os
 import sys
 

@@ -31,4 +31,5 @@ for arg in sys.argv[1:]:
             else:
                 rank, score = found[cell_type, method, gene]
                 text.append(f'{rank}' + (' (< 0)' if score < 0 else ''))
-        print(f'| {label} ({len(genes):,}) | {gene} | {cell_type} | {n_cells.get(cell_type, 0)} | ' + ' | '.join(text) + ' |')
+        print(f'| {label} ({len(genes):,}) | {gene} | {cell_type} | {n_cells.get(cell_type, 0)} | '
+              + ' | '.join(text) + ' |')

@@ -26,4 +26,5 @@ with torch.no_grad():
     called = torch.cat([model(dataset_input(data, idx[i:i + 64], model.config))[0].argmax(1)
                         for i in range(0, len(idx), 64)])
 counts = collections.Counter(ckpt['label_names'][c] for c in called.tolist())
-print(f"{out_dir}: the {len(idx)} '{held_out}' cells are called " + ', '.join(f'{t} ({n})' for t, n in counts.most_common()))
+print(f"{out_dir}: the {len(idx)} '{held_out}' cells are called "
+      + ', '.join(f'{t} ({n})' for t, n in counts.most_common()))
