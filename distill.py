@@ -82,6 +82,17 @@ def check_settings():
                         '>= 0')
 
 
+def check_model_flags(flags):
+    """The student's architecture is the teacher's: a model setting on the command line is an error that says so."""
+    given = [f[2:].partition('=')[0] for f in flags if f[2:].partition('=')[0] in MODEL_SETTINGS]
+    if 'bitlinear' in given:
+        raise UserError('bitlinear with a teacher is not supported: distil first, then train the student with '
+                        'train.py --init_from=<its best.pt> --bitlinear=True')
+    if given:
+        raise UserError(f"{', '.join(given)}: the student's architecture is the teacher's (choose its size with "
+                        f"--student_layers or --student_n_embd)")
+
+
 # -----------------------------------------------------------------------------
 # the teacher, and the student cut from it
 
@@ -262,6 +273,7 @@ def main():
     # must not receive the student
     configs = [arg for arg in sys.argv[1:] if not arg.startswith('-')]
     flags = [arg for arg in sys.argv[1:] if arg.startswith('-')]
+    check_model_flags(flags)
     training.configure_settings(globals(), [*configs, '--out_dir=out-distill', *flags], ignored_in_files=MODEL_SETTINGS)
     check_settings()
     env = training.setup()

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from conftest import FIXTURES, V2, run_distill, state, torchrun, user_error
 from conftest import V2_SMALL as SMALL
 from conftest import run_script as run
-from distill import cosine_loss, cut_student, kd_loss
+from distill import MODEL_SETTINGS, cosine_loss, cut_student, kd_loss
 from model import ModelConfig, ScBERT
 
 
@@ -155,7 +155,8 @@ def test_bad_distillation_input(baron, teacher, tmp_path):
                           ([f'--teacher={teacher}', '--fold=1'], 'test fold 0'),          # it saw fold 1's test cells
                           ([f'--teacher={teacher}', '--fold=all'], '{fold}'),
                           ([f'--teacher={teacher}', '--mode=pretrain'], 'is fine-tuned'),
-                          ([f'--teacher={teacher}', f'--out_dir={teacher.parent}'], 'overwrite its teacher')):
+                          ([f'--teacher={teacher}', f'--out_dir={teacher.parent}'], 'overwrite its teacher'),
+                          ([f'--teacher={teacher}', '--n_layer=1'], "architecture is the teacher's")):
         result = run_distill(f'--dataset={baron}', out, *args, check=False)
         user_error(result, pattern)
         assert not (tmp_path / 'o').exists()                      # nothing written
@@ -172,7 +173,8 @@ def test_ddp_distillation_matches_one_process(baron, tmp_path, kind):
     if kind != 'scbert':                                  # no MoE: its balancing loss is per rank, as in Switch
         tiny += [a for a in V2 if not a.startswith('--n_expert')] + ['--max_genes=64']
     run('train.py', *tiny, f'--out_dir={tmp_path / "teacher"}', '--max_iters=10', '--batch_size=8', '--num_threads=1')
-    args = [*tiny, f'--teacher={tmp_path / "teacher" / "best.pt"}', '--student_n_embd=8', '--max_iters=5']
+    args = [a for a in tiny if a[2:].partition('=')[0] not in MODEL_SETTINGS]     # the student's are the teacher's
+    args += [f'--teacher={tmp_path / "teacher" / "best.pt"}', '--student_n_embd=8', '--max_iters=5']
     run_distill(*args, f'--out_dir={tmp_path / "one"}', '--batch_size=8', '--num_threads=1')
     torchrun('distill.py', *args, f'--out_dir={tmp_path / "two"}', '--batch_size=4')      # DDP: real processes
     one, two = state(tmp_path / 'one' / 'ckpt.pt'), state(tmp_path / 'two' / 'ckpt.pt')
