@@ -51,6 +51,8 @@ from model import ModelConfig, ScBERT, token_valid
 
 # -----------------------------------------------------------------------------
 # distillation (training.py has the shared settings: data, folds, optimizer, masking, baseline, system)
+out_dir = 'out-distill'        # the student's checkpoints and metrics (a config file's out_dir, often the teacher's, is
+                               # not used: only --out_dir replaces this)
 teacher = ''                   # teacher checkpoint (ours, or an original scBERT .pth; '{fold}' becomes the fold number,
                                # for fold='all'). The student is the teacher's architecture and input with fewer blocks
 student_layers = ''            # teacher blocks that make the student, e.g. '0,2' ('' = every other one: 0, 2, 4, ...;
@@ -269,12 +271,12 @@ def distil_run(run, env):
 
 
 def main():
-    # config files first, then out_dir=out-distill, then the command line: a config's out_dir (the teacher's, often)
-    # must not receive the student
+    # config files first, then out_dir, then the command line: a config's out_dir (the teacher's, often) must not
+    # receive the student
     configs = [arg for arg in sys.argv[1:] if not arg.startswith('-')]
     flags = [arg for arg in sys.argv[1:] if arg.startswith('-')]
     check_model_flags(flags)
-    training.configure_settings(globals(), [*configs, '--out_dir=out-distill', *flags], ignored_in_files=MODEL_SETTINGS)
+    training.configure_settings(globals(), [*configs, f'--out_dir={out_dir}', *flags], ignored_in_files=MODEL_SETTINGS)
     check_settings()
     env = training.setup()
     data = training.load_dataset(env)

@@ -114,14 +114,15 @@ config = {}                    # every setting of the running script, as configu
 
 def configure_settings(scope, argv=None, ignored_in_files=()):
     """configure() over a script's own settings (its globals, `scope`) and the shared ones above: config files and
-    --key=value set either kind. Shared settings are written here (this module's globals), the script's into scope.
+    --key=value set either kind. Shared settings are written here (this module's globals), the script's into scope
+    (a script may give a shared setting its own default, as distill.py does out_dir).
     ignored_in_files: settings a config file may set that this script ignores (distill.py: the model's, which are
     the teacher's). Returns {name: value} of all of them, as stored in checkpoints."""
     global config
     merged = {**SHARED, **{k: v for k, v in scope.items() if not k.isupper()}}
     config = configure(merged, argv, sources=[__file__], ignored_in_files=ignored_in_files)
     globals().update({k: config[k] for k in SHARED})
-    scope.update({k: v for k, v in config.items() if k not in SHARED})
+    scope.update({k: v for k, v in config.items() if k not in SHARED or k in scope})   # (distill.py's own out_dir)
     return config
 
 
