@@ -562,7 +562,7 @@ def model_input(csr, cfg, log_base, seeds=None, mask_prob=0.0, replace_prob=0.9,
 
 
 def dataset_input(data, idx, cfg):
-    """model_input of cells idx of a prepared Dataset, unmasked, as train.py evaluates them."""
+    """model_input of cells idx of a prepared Dataset, unmasked, as training.py evaluates them."""
     return model_input(data.rows(idx), cfg, data.log_base)
 
 
@@ -615,7 +615,7 @@ def mask_tokens(tokens, mask_prob=0.15, replace_prob=0.9, mask_id=6, generator=N
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Masking strategies for pretraining (train.py's masking=), for scBERT's panel tokens (mask_panel) and for scBERT 2.0's
+# Masking strategies for pretraining (the masking= setting), for scBERT's panel tokens (mask_panel) and for scBERT 2.0's
 # expressed-gene input (mask_expressed). Per cell, choose_masked picks the tokens to predict from the cell's own random
 # stream; each chosen token is then replaced by the mask token with probability replace_prob (scBERT's rule: the rest
 # stay visible but are still predicted), and the targets are -100 elsewhere. The "non-zero" tokens are the expressed
@@ -651,7 +651,7 @@ def parse_multiscale_weights(text):
 
 def dynamic_mask_rate(acc, lo=0.1, hi=0.3):
     """Dynamic masking's rate: clip(hi - (hi - lo) * acc, lo, hi), acc being the exponential moving average of the
-    training steps' masked-bin accuracy (train.py: 0 at the start, so the first rate is hi). While the model cannot
+    training steps' masked-bin accuracy (training.py: 0 at the start, so the first rate is hi). While the model cannot
     fill in masked bins, many masked genes give it many targets per cell; as it learns to, fewer masked genes leave it
     more of each cell to read them from, nearer the unmasked cells it will later classify. A masking rate that decays
     from high to low helped BERT-style pretraining (Yang et al. 2023, "masking ratio decay"; Wettig et al. 2023 found

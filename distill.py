@@ -15,7 +15,7 @@ from those teacher blocks and from the teacher's embeddings, final norm and head
 (--student_n_embd) starts at random, and a learned projection maps its hidden states to the teacher's width for the
 cosine loss. The teacher can be any checkpoint: ours (scBERT or scBERT 2.0, pretrained or fine-tuned) or an original
 scBERT .pth. It is frozen; each step runs it on the same cells as the student and trains the student on
-(distillation_loss)
+distillation_loss:
 
     alpha_ce  x KL(softmax(teacher / T) ‖ softmax(student / T)) · T²     soft targets: the masked genes' bins
                                                                           (pretraining), or the cell-type logits
@@ -29,10 +29,11 @@ predicts what the teacher does.
 The training itself (folds, batches, masking, the optimizer and its schedule, AMP, DDP, resume, checkpoints,
 metrics, the logistic-regression baseline, the loop) is training.py's, shared with train.py: every setting of
 training.py works here (`--help` lists them). The model's settings are the teacher's: config files may set them (so
-the teacher's config file can be reused), and they are ignored. Checkpoints go to out_dir (default out-distill, even
-when a config file sets another: the teacher's, often). With fold='all', '{fold}' in --teacher picks each fold's
-teacher, fine-tuned without that fold's test cells. The student's checkpoints (out_dir/best.pt) are ordinary ones:
-predict.py annotates with them, bench.py times them (--variants=out-distill/best.pt).
+the teacher's config file can be reused) and they are ignored, with a note; on the command line they are an error.
+Checkpoints go to out_dir (default out-distill, even when a config file sets another: the teacher's, often). With
+fold='all', '{fold}' in --teacher picks each fold's teacher, fine-tuned without that fold's test cells. The student's
+checkpoints (out_dir/best.pt) are ordinary ones: predict.py annotates with them, bench.py times them
+(--variants=out-distill/best.pt).
 
 The honest control is the same student trained from scratch with the same budget:
     python train.py config/scbert2_small.py --dataset=data/baron1k --fold=all --n_layer=2 --out_dir=out-s2-2layers
@@ -66,8 +67,66 @@ alpha_cos = 1.0                # cosine loss between the student's and the teach
 alpha_mse = 1.0                # scBERT 2.0 pretraining: MSE between the student's and the teacher's predicted values
 temperature = 2.0              # softmax temperature of the soft targets
 # -----------------------------------------------------------------------------
-MODEL_SETTINGS = {f.name for f in fields(ModelConfig)} | {'gene2vec', 'calibration_cells'}   # the teacher's
+# the teacher's: ModelConfig's fields and train.py's gene2vec and calibration_cells (seed is a shared setting)
+MODEL_SETTINGS = ({f.name for f in fields(ModelConfig)} | {'gene2vec', 'calibration_cells'}) - set(training.SHARED)
 
+
+def main():
+    # config files first, then out_dir, then the command line: a config's out_dir (the teacher's, often) must not
+    # receive the student
+    configs = [arg for arg in sys.argv[1:] if not arg.startswith('-')]
+    flags = [arg for arg in sys.argv[1:] if arg.startswith('-')]
+    check_model_flags(flags)
+    training.configure_settings(globals(), [*configs, f'--out_dir={out_dir}', *flags], ignored_in_files=MODEL_SETTINGS)
+    check_settings()
+    env = training.setup()
+    data = training.load_dataset(env)
+    results = [distil_run(run, env) for run in training.plan_runs(data, env)]
+    training.summarize(results, env)
+    training.teardown(env)
+
+
+def distil_run(run, env):
+    """Distil run's teacher into a student in run.dir -> the run's metrics (None if stopped early)."""
+    teacher_model, teacher_path = load_teacher(run, env)
+    torch.manual_seed(training.seed)
+    student, ckpt = training.resume_checkpoint(run, env) if training.init_from == 'resume' else (None, None)
+    if student is None:
+        student = make_student(teacher_model)
+    if training.compile:                                           # (after the student took the teacher's weights)
+        teacher_model = torch.compile(teacher_model)
+    t = training.start(run, student, ckpt, env, make_projection=projection_maker(student, teacher_model, env),
+                       must_match={'teacher': teacher, 'student_n_embd': student_n_embd})
+    if t.done:
+        return training.already_finished(run, env)
+    class_weight = training.class_weight_of(run, env)
+    training.log_run(run, t, env)
+    s = t.raw_model
+    env.log(f'distilling {teacher_path} ({teacher_model.num_params() / 1e6:.2f}M parameters, '
+            f'{teacher_model.config.n_layer} blocks) into a {s.config.n_layer}-block student '
+            f'({s.num_params() / 1e6:.2f}M): {alpha_ce} x soft targets (T = {temperature}) + {alpha_mlm} x its own '
+            f'loss + {alpha_cos} x cosine' + (f' + {alpha_mse} x value MSE' if training.mode == 'pretrain'
+                                              and s.config.input_genes == 'expressed' else ''))
+
+    def step_loss(model, x, targets):
+        """DistilBERT's triple loss (and the value MSE)."""
+        return distillation_loss(model, teacher_model, t.projection, x, targets, class_weight, env)
+
+    if not training.train_loop(run, t, step_loss, env, teacher=teacher_model):
+        return None
+    return training.finish(run, t, env, teacher=teacher_model)
+
+
+def projection_maker(student, teacher_model, env):
+    """A narrower student's hidden states -> the teacher's width, for the cosine loss: a function that makes the
+    projection (training.start calls it after making the optimizer), or None for a student as wide as its teacher."""
+    if student.config.n_embd == teacher_model.config.n_embd:
+        return None
+    return lambda: torch.nn.Linear(student.config.n_embd, teacher_model.config.n_embd, bias=False).to(env.device)
+
+
+# -----------------------------------------------------------------------------
+# checks
 
 def check_settings():
     training.check_settings()
@@ -112,17 +171,17 @@ def load_teacher(run, env):
     except (KeyError, TypeError, ValueError, AttributeError, RuntimeError, AssertionError) as e:
         raise UserError(f'teacher {path} is not a usable checkpoint ({type(e).__name__}: {str(e)[:200]})') from None
     check_teacher(model, ckpt, path, run)
-    model = model.to(env.device).eval().requires_grad_(False)
-    return (torch.compile(model) if training.compile else model), path
+    return model.to(env.device).eval().requires_grad_(False), path
 
 
 def check_teacher(model, ckpt, path, run):
     """The teacher must know the run's genes, classify its cell types (fine-tuning) without having trained on its
     test cells, or (pretraining) still hold its masked-modelling head."""
     data, finetune = run.data, training.mode == 'finetune'
-    if (ckpt.get('vocab') and list(ckpt['vocab']) != data.vocab) or model.config.n_genes != data.n_genes:
-        raise UserError(f'teacher {path} was trained on other genes than {training.dataset}; distil on its own '
-                        f'dataset, or prepare this one with --vocab=<its out_dir/vocab.txt>')
+    training.check_vocab(ckpt, path, data)
+    if model.config.n_genes != data.n_genes:
+        raise UserError(f'teacher {path} was trained on {model.config.n_genes} genes, {training.dataset} has '
+                        f'{data.n_genes}; distil on its own dataset, or prepare this one with --vocab=<its genes>')
     if finetune and (model.cls_head is None or model.config.n_classes != len(run.label_names)
                      or ckpt.get('label_names', run.label_names) != run.label_names):
         raise UserError(f"teacher {path} does not classify {training.dataset}'s {len(run.label_names)} cell types; "
@@ -230,59 +289,6 @@ def distillation_loss(model, teacher_model, projection, x, targets, class_weight
         sel = targets != -100
         soft = alpha_ce * kd_loss(logits[sel], t_logits[sel], temperature)
     return logits, own, total + soft * share                       # means over the masked genes, as the own loss
-
-
-# -----------------------------------------------------------------------------
-# the run: teacher, student, then training.py's loop with the distillation loss
-
-def distil_run(run, env):
-    """Distil run's teacher into a student in run.dir -> the run's metrics (None if stopped early)."""
-    teacher_model, teacher_path = load_teacher(run, env)
-    torch.manual_seed(training.seed)
-    student, ckpt = training.resume_checkpoint(run, env) if training.init_from == 'resume' else (None, None)
-    if student is None:
-        student = make_student(teacher_model)
-    wide = teacher_model.config.n_embd
-    projection = None                # a narrower student's hidden states -> the teacher's width, for the cosine loss
-    if student.config.n_embd != wide:
-        projection = lambda: torch.nn.Linear(student.config.n_embd, wide, bias=False).to(env.device)  # noqa: E731
-    t = training.start(run, student, ckpt, env, extra=projection,
-                       started_with={'teacher': teacher, 'student_n_embd': student_n_embd})
-    if t.done:
-        return training.finished(run, env)
-    class_weight = training.class_weight_of(run, env)
-    if env.master:
-        s = t.raw_model
-        env.log(f'fold {run.k}: {len(run.train_idx)} train / {len(run.val_idx)} val / '
-                f'{0 if run.test_idx is None else len(run.test_idx)} test cells; {env.world_size} process(es) on '
-                f'{env.device}, {env.dtype}')
-        env.log(f'distilling {teacher_path} ({teacher_model.num_params() / 1e6:.2f}M parameters, '
-                f'{teacher_model.config.n_layer} blocks) into a {s.config.n_layer}-block student '
-                f'({s.num_params() / 1e6:.2f}M): {alpha_ce} x soft targets (T = {temperature}) + {alpha_mlm} x '
-                f'its own loss + {alpha_cos} x cosine' + (f' + {alpha_mse} x value MSE' if training.mode == 'pretrain'
-                                                          and s.config.input_genes == 'expressed' else ''))
-
-    def step_loss(model, x, targets):
-        return distillation_loss(model, teacher_model, t.extra, x, targets, class_weight, env)
-
-    if not training.train_loop(run, t, step_loss, env, teacher=teacher_model):
-        return None
-    return training.finish(run, t, env, teacher=teacher_model)
-
-
-def main():
-    # config files first, then out_dir, then the command line: a config's out_dir (the teacher's, often) must not
-    # receive the student
-    configs = [arg for arg in sys.argv[1:] if not arg.startswith('-')]
-    flags = [arg for arg in sys.argv[1:] if arg.startswith('-')]
-    check_model_flags(flags)
-    training.configure_settings(globals(), [*configs, f'--out_dir={out_dir}', *flags], ignored_in_files=MODEL_SETTINGS)
-    check_settings()
-    env = training.setup()
-    data = training.load_dataset(env)
-    results = [distil_run(run, env) for run in training.plan_runs(data, env)]
-    training.summarize(results, env)
-    training.teardown(env)
 
 
 if __name__ == '__main__':

@@ -106,7 +106,7 @@ class ModelConfig:
 
     def __post_init__(self):
         """Every rule between the settings, checked here only: a ValueError says what is wrong and which setting fixes
-        it (train.py prints it as a one-line error)."""
+        it (the scripts print it as a one-line error)."""
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, not '{getattr(self, name)}' "

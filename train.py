@@ -29,13 +29,14 @@ This file holds the model's settings and how a run's model is made; the settings
 distill.py (data, folds, batches, optimizer, the loop, checkpoints, evaluation, baseline) are in training.py.
 """
 import os
+from dataclasses import fields
 
 import numpy as np
 import torch
 
 import training
 from data import UserError, load_checkpoint
-from model import Classifier, ScBERT, as_bitlinear, calibrate_bitlinear, clean_state_dict
+from model import Classifier, ModelConfig, ScBERT, as_bitlinear, calibrate_bitlinear, clean_state_dict
 
 # -----------------------------------------------------------------------------
 # the model (training.py has the shared settings: data, folds, optimizer, masking, baseline, novelty, system)
@@ -79,25 +80,62 @@ bitlinear = False              # BitNet b1.58 quantization-aware training: atten
 calibration_cells = 256        # bitlinear from a float checkpoint: training cells (a random sample) that calibrate
                                # the BitLinear norm gains
 # -----------------------------------------------------------------------------
-ARCHITECTURE = ('n_bins', 'n_embd', 'n_layer', 'n_head', 'dim_head', 'ff_mult', 'attention', 'nb_features',
-                'feature_redraw_interval', 'dropout', 'head', 'head_hidden', 'input_genes', 'value_emb', 'max_genes',
-                'n_zero_genes', 'n_kv_head', 'norm', 'mlp', 'bias', 'n_expert', 'n_expert_active', 'bitlinear',
-                'embd_factor', 'share_layers', 'genomic_pe', 'disentangled', 'n_pos_buckets', 'pathway_enc')
+# the settings above that are ModelConfig's (gene2vec and calibration_cells say how a model starts)
+ARCHITECTURE = [f.name for f in fields(ModelConfig) if f.name in globals()]
+
+
+def main():
+    training.configure_settings(globals())
+    check_settings()
+    env = training.setup()
+    data = training.load_dataset(env)
+    results = [train_run(run, env) for run in training.plan_runs(data, env)]
+    training.summarize(results, env)
+    training.teardown(env)
+
+
+def train_run(run, env):
+    """Train one run (a test fold, maybe a held-out type) into run.dir -> its metrics (None if stopped early)."""
+    torch.manual_seed(training.seed)
+    model, ckpt = make_model(run, env)                             # the inputs are checked before any output
+    t = training.start(run, model, ckpt, env)
+    if t.done:
+        return training.already_finished(run, env)
+    class_weight = training.class_weight_of(run, env)
+    training.log_run(run, t, env)
+
+    def step_loss(model, x, targets):
+        """The task's loss: cross-entropy to the cell types, or the masked bins (+ values) when pretraining."""
+        logits, loss = model(x, targets, class_weight=class_weight, mlm_weight=training.mlm_weight,
+                             regression_weight=training.regression_weight)
+        # DDP: a mean over the global batch, not a mean of the ranks' means (their masked counts differ)
+        return logits, loss, loss * training.loss_share(targets, class_weight, env)
+
+    if not training.train_loop(run, t, step_loss, env):
+        return None
+    return training.finish(run, t, env)
 
 
 def check_settings():
-    """The settings' rules that are not the model's (ModelConfig checks those when the model is made)."""
+    """Every rule of the settings, before anything runs: the shared ones, the model's (ModelConfig's, for a new
+    model; a checkpoint brings its own architecture) and this script's."""
     training.check_settings()
+    if training.init_from == 'scratch':
+        training.model_config(dict({name: globals()[name] for name in ARCHITECTURE}, n_genes=1))
+        if gene2vec and embd_factor:
+            raise UserError('a gene2vec table replaces the gene embedding: use --embd_factor=0 with --gene2vec')
     if calibration_cells < 1:
         raise UserError(f'calibration_cells must be at least 1, not {calibration_cells} (set --calibration_cells=...)')
-    if gene2vec and embd_factor:
-        raise UserError('a gene2vec table replaces the gene embedding: use --embd_factor=0 with --gene2vec')
+
+
+def n_classes(run):
+    """The classifier's outputs: the run's cell types when fine-tuning, none when pretraining."""
+    return len(run.label_names) if training.mode == 'finetune' else 0
 
 
 def model_args(run):
     """The settings as ModelConfig's arguments, for this run's dataset and task."""
-    n_classes = len(run.label_names) if training.mode == 'finetune' else 0
-    return dict({name: globals()[name] for name in ARCHITECTURE}, n_genes=run.data.n_genes, n_classes=n_classes,
+    return dict({name: globals()[name] for name in ARCHITECTURE}, n_genes=run.data.n_genes, n_classes=n_classes(run),
                 seed=training.seed)
 
 
@@ -158,9 +196,6 @@ def load_model(path, run, env):
     if not same_task:                                              # e.g. pretrained -> fine-tune: a fresh classifier
         args.update({k: settings[k] for k in ('n_classes', 'head', 'head_hidden', 'dropout')})
     args.update({k: settings[k] for k in ('max_genes', 'n_zero_genes') if k in args})   # not in the weights
-    if args.get('input_genes', 'all') == 'all' and args['head'] == 'cls':
-        raise UserError(f"{path} is a scBERT (all genes) model, whose input has no CLS token: set --head=scbert or "
-                        f"pooled")
     try:
         model = ScBERT(training.model_config(args))
         sd = clean_state_dict(ckpt['model'])
@@ -184,9 +219,7 @@ def load_model(path, run, env):
 def check_loadable(ckpt, path, run):
     """Refuse a checkpoint of ours that cannot start this run: other genes, quantized, or fine-tuned on its test
     cells (another fold of this dataset, or with holdout any fine-tuned model)."""
-    if ckpt.get('vocab') and list(ckpt['vocab']) != run.data.vocab:
-        raise UserError(f'{path} was trained on another gene vocabulary than {training.dataset}; prepare the data with '
-                        f'--vocab=<that vocab> (train.py writes it to its out_dir/vocab.txt)')
+    training.check_vocab(ckpt, path, run.data)
     if ckpt.get('quantization'):
         raise UserError(f"{path} is quantized ({ckpt['quantization']}) for inference; train from the float "
                         f"checkpoint it was made from")
@@ -218,10 +251,9 @@ def load_original(ckpt, path, run):
         raise UserError(f'{path} expects a {model.config.n_genes}-gene panel but {training.dataset} has '
                         f'{run.data.n_genes} genes; prepare the data with --vocab=<the checkpoint gene panel, one '
                         f'symbol per line>')
-    n_classes = len(run.label_names) if training.mode == 'finetune' else 0
-    if model.config.n_classes != n_classes:                        # pretrained (or other labels): a fresh classifier
-        model.config.n_classes = n_classes
-        model.cls_head = Classifier(model.config) if n_classes else None
+    if model.config.n_classes != n_classes(run):                   # pretrained (or other labels): a fresh classifier
+        model.config.n_classes = n_classes(run)
+        model.cls_head = Classifier(model.config) if model.config.n_classes else None
     return model
 
 
@@ -229,59 +261,13 @@ def to_bitlinear(model, run, env):
     """BitNet b1.58 quantization-aware training from a float model: its linears made BitLinear, their norm gains
     calibrated on calibration_cells training cells (a random sample, in batches)."""
     model = as_bitlinear(model)
-    cells = np.sort(np.random.default_rng(training.seed).choice(
-        run.train_idx, min(calibration_cells, len(run.train_idx)), replace=False))
+    cells = training.sample(run.train_idx, calibration_cells)
     size = training.batch_size
     n = calibrate_bitlinear(model, (training.get_batch(run, cells[i:i + size], model.config)[0]
                                     for i in range(0, len(cells), size)))
     env.log(f'bitlinear: {training.init_from} converted to BitNet b1.58 linears; {n} norm gains calibrated on '
             f'{len(cells)} training cells')
     return model
-
-
-def log_start(run, t, env):
-    raw = t.raw_model
-    n_train = sum(p.numel() for p in raw.parameters() if p.requires_grad)
-    env.log(f'fold {run.k}: {len(run.train_idx)} train / {len(run.val_idx)} val / '
-            f'{0 if run.test_idx is None else len(run.test_idx)} test cells; '
-            f'{raw.num_params() / 1e6:.2f}M parameters ({n_train / 1e6:.2f}M trainable'
-            + (f'; {raw.num_active_params() / 1e6:.2f}M active per token, '
-               f'{raw.num_active_params(embeddings=False) / 1e6:.2f}M without the embeddings' if n_expert else '')
-            + f'); {env.world_size} process(es) on {env.device}, {env.dtype}'
-            + ('' if run.data.preloaded else f'; streaming {training.dataset} from disk'))
-
-
-def train_run(run, env):
-    """Train one run (a test fold, maybe a held-out type) into run.dir -> its metrics (None if stopped early)."""
-    torch.manual_seed(training.seed)
-    model, ckpt = make_model(run, env)                             # the inputs are checked before any output
-    t = training.start(run, model, ckpt, env)
-    if t.done:
-        return training.finished(run, env)
-    class_weight = training.class_weight_of(run, env)
-    if env.master:
-        log_start(run, t, env)
-
-    def step_loss(model, x, targets):
-        """The task's loss: cross-entropy to the cell types, or the masked bins (+ values) when pretraining."""
-        logits, loss = model(x, targets, class_weight=class_weight, mlm_weight=training.mlm_weight,
-                             regression_weight=training.regression_weight)
-        # DDP: a mean over the global batch, not a mean of the ranks' means (their masked counts differ)
-        return logits, loss, loss * training.loss_share(targets, class_weight, env)
-
-    if not training.train_loop(run, t, step_loss, env):
-        return None
-    return training.finish(run, t, env)
-
-
-def main():
-    training.configure_settings(globals())
-    check_settings()
-    env = training.setup()
-    data = training.load_dataset(env)
-    results = [train_run(run, env) for run in training.plan_runs(data, env)]
-    training.summarize(results, env)
-    training.teardown(env)
 
 
 if __name__ == '__main__':

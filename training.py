@@ -3,13 +3,14 @@ The training machinery that train.py and distill.py share, in the order a run us
 
     1. the shared settings       out_dir, dataset, folds, batches, optimizer, masking, baseline, novelty, system;
                                  each script adds its own (train.py the model's, distill.py the teacher's)
-    2. setup()                   device, dtype and DDP (torchrun sets RANK): an Env
+    2. setup(), load_dataset()   device, dtype and DDP (torchrun sets RANK): an Env; the prepared dataset
     3. plan_runs()               which cells train, validate and test: a Run per test fold (and held-out cell type)
     4. batches                   the cells of each step (resume repeats them), their masks, a background DataLoader
-    5. start()                   optimizer, resume, DDP: a Training (the model, its optimizer, where the loop is)
-    6. train_loop()              nanoGPT's loop; the script hands it step_loss, the loss of one micro-batch
-    7. evaluate(), checkpoints   validation metrics, best.pt and ckpt.pt (written atomically)
-    8. finish()                  the test fold beside logistic regression, the novelty rule; summarize() over runs
+    5. the optimizer             what trains, the learning-rate schedule, how DDP weighs a loss
+    6. start(), train_loop()     a Training (the model, its optimizer, the step it is at); nanoGPT's loop, which the
+                                 script hands step_loss, the loss of one micro-batch
+    7. evaluation, checkpoints   validation metrics, best.pt and ckpt.pt (written atomically), resume
+    8. finish(), summarize()     the test fold beside logistic regression, the novelty rule; the summary over runs
 
 A script reads top to bottom: its settings, configure_settings(), checks, setup(), the data, then for each run:
 build the model, start(), train_loop(), finish(); then summarize().
@@ -21,6 +22,7 @@ import re
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
+from functools import partial
 
 import numpy as np
 import torch
@@ -88,7 +90,7 @@ region_genes = 16              # masking=multiscale: genes per chromosome region
 multiscale_weights = '1,1,1'   # masking=multiscale: how often each scale is drawn: single genes, pathways, regions
 # fine-tuning: the baseline and novel cell types
 baseline = True                # also fit logistic regression on the same folds and print it beside the model
-baseline_max_cells = 20000     # fit the baseline on at most this many training cells (a stratified sample)
+baseline_max_cells = 20000     # fit the baseline on at most this many training cells (a random sample)
 lr_C = 1.0                     # inverse L2 strength of the logistic-regression baseline
 novelty_score = 'knn'          # predict.py's default rule: 'maxprob' (scBERT's score) | 'entropy' | 'energy' |
                                # 'mahalanobis' | 'knn' (chosen by the leave-one-type-out runs in the README)
@@ -107,8 +109,9 @@ compile = False                # torch.compile the model
 num_threads = 0                # CPU threads per process (0 = PyTorch's default; 1 under DDP on CPU)
 seed = 1337                    # seeds initialisation, batches, masks and dropout
 # -----------------------------------------------------------------------------
+# every lower-case global above of a setting's type is a setting (constants are upper case)
 SHARED = {k: v for k, v in dict(globals()).items()
-          if not k.startswith('_') and not k.isupper() and isinstance(v, SETTING_TYPES)}   # (constants are upper case)
+          if not k.startswith('_') and not k.isupper() and isinstance(v, SETTING_TYPES)}
 config = {}                    # every setting of the running script, as configure_settings() set them (checkpoints)
 
 
@@ -138,7 +141,7 @@ def check_settings():
         raise UserError(f'novelty_quantile must be between 0 and 1 (e.g. 0.95), not {novelty_quantile}')
     if holdout and mode != 'finetune':
         raise UserError('holdout leaves a cell type out of fine-tuning: set --mode=finetune (or --holdout=)')
-    if holdout != 'all' and holdout_min_cells != 30:
+    if holdout != 'all' and holdout_min_cells != SHARED['holdout_min_cells']:
         raise UserError("holdout_min_cells picks the types of --holdout=all; it does nothing here")
     for name in ('max_iters', 'eval_interval', 'log_interval', 'batch_size', 'grad_accum', 'novelty_cells',
                  'holdout_min_cells'):
@@ -334,8 +337,7 @@ def split(run):
                         f'val {len(val_idx)}, test {0 if test_idx is None else len(test_idx)}); prepare it with '
                         f'fewer --n_folds')
     run.train_idx, run.val_idx, run.test_idx = train_idx, val_idx, test_idx
-    run.eval_idx = val_idx if not eval_cells or len(val_idx) <= eval_cells else \
-        np.sort(np.random.default_rng(seed).choice(val_idx, eval_cells, replace=False))
+    run.eval_idx = sample(val_idx, eval_cells) if eval_cells else val_idx
 
 
 def sample(idx, n):
@@ -346,7 +348,7 @@ def sample(idx, n):
 # -----------------------------------------------------------------------------
 # 4. Batches
 
-def dynamic():
+def dynamic_masking():
     """masking=dynamic pretraining: the training loop masks each batch at the live rate."""
     return mode == 'pretrain' and masking == 'dynamic'
 
@@ -425,7 +427,7 @@ class Batches(torch.utils.data.Dataset):
 
     def __getitem__(self, step):            # dynamic masking: unmasked, with the cells (masked by the training loop)
         idx = batch_indices(self.run, step, self.cfg, self.env)
-        return get_batch(self.run, idx, self.cfg, step, masked=not dynamic())
+        return get_batch(self.run, idx, self.cfg, step, masked=not dynamic_masking())
 
 
 def batches_from(run, cfg, first_step, env):
@@ -433,8 +435,14 @@ def batches_from(run, cfg, first_step, env):
     loader = torch.utils.data.DataLoader(Batches(run, cfg, env), batch_size=None,
                                          sampler=range(first_step, max_iters * grad_accum),
                                          num_workers=num_workers, pin_memory=env.device_type == 'cuda',
-                                         prefetch_factor=4 if num_workers else None)
+                                         prefetch_factor=4 if num_workers else None,
+                                         worker_init_fn=partial(apply_settings, config) if num_workers else None)
     return iter(loader)
+
+
+def apply_settings(settings, worker_id=None):
+    """A DataLoader worker started afresh (spawn, not fork) imports this module at its defaults: set them again."""
+    globals().update({k: v for k, v in settings.items() if k in SHARED})
 
 
 # -----------------------------------------------------------------------------
@@ -513,13 +521,13 @@ def class_weight_of(run, env):
 @dataclass
 class Training:
     """A run in progress: the model (raw_model; model is it compiled and/or DDP-wrapped), its optimizer, the step
-    it is at, the best validation so far and the history for loss.png. extra: a module trained beside the model
-    (distill.py's projection), saved in ckpt.pt as 'projection'."""
+    it is at, the best validation so far and the history for loss.png. projection: a module trained beside the model
+    (distill.py's, for a narrower student), saved in ckpt.pt."""
     raw_model: torch.nn.Module
     model: torch.nn.Module
     optim: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
-    extra: torch.nn.Module = None
+    projection: torch.nn.Module = None
     iter_num: int = 0
     best: dict = field(default_factory=lambda: {'macro_f1': -1.0, 'loss': float('inf'), 'iter': -1})
     history: dict = field(default_factory=lambda: {'iter': [], 'train_loss': []})
@@ -527,12 +535,12 @@ class Training:
     done: bool = False                 # resumed a finished run
 
     def parameters(self):
-        return [*self.raw_model.parameters(), *(self.extra.parameters() if self.extra is not None else [])]
+        return [*self.raw_model.parameters(), *(self.projection.parameters() if self.projection is not None else [])]
 
 
-def start(run, model, ckpt, env, extra=None, started_with=None):
-    """Model on the device, optimizer (with `extra`'s parameters), and, resuming, their state -> Training.
-    started_with: the settings a resumed run must have kept (distill.py's teacher)."""
+def start(run, model, ckpt, env, make_projection=None, must_match=None):
+    """Model on the device, optimizer (with the parameters of make_projection(), if given), and, resuming, their
+    state -> Training. must_match: the script's settings a resumed run must have kept (distill.py's teacher)."""
     if env.master:
         os.makedirs(run.dir, exist_ok=True)
         with atomic_write(os.path.join(run.dir, 'vocab.txt')) as tmp, open(tmp, 'w') as f:
@@ -540,12 +548,13 @@ def start(run, model, ckpt, env, extra=None, started_with=None):
     set_trainable(model, env)
     raw_model = model.to(env.device)
     optim = raw_model.configure_optimizer(optimizer, learning_rate, weight_decay, (beta1, beta2))
-    if extra is not None:
-        extra = extra()                                            # made after the optimizer: the same random draws
-        optim.add_param_group({'params': list(extra.parameters()), 'weight_decay': 0.0})
-    t = Training(raw_model, raw_model, optim, torch.amp.GradScaler(enabled=env.dtype == 'float16'), extra)
+    projection = None
+    if make_projection is not None:
+        projection = make_projection()                             # made after the optimizer: the same random draws
+        optim.add_param_group({'params': list(projection.parameters()), 'weight_decay': 0.0})
+    t = Training(raw_model, raw_model, optim, torch.amp.GradScaler(enabled=env.dtype == 'float16'), projection)
     if ckpt is not None:
-        resume(t, run, ckpt, started_with or {'teacher': '', 'student_n_embd': 0})
+        resume(t, run, ckpt, must_match or {})
     if compile:
         t.model = torch.compile(t.model)
     if env.ddp:
@@ -567,10 +576,12 @@ def train_loop(run, t, step_loss, env, teacher=None):
         for group in t.optim.param_groups:
             group['lr'] = lr
         torch.manual_seed(seed + t.iter_num * env.world_size + env.rank)     # dropout: the same on resume
-        rate = dynamic_mask_rate(t.mask_acc_ema, mask_prob_min, mask_prob_max) if dynamic() else mask_prob
+        rate = dynamic_mask_rate(t.mask_acc_ema, mask_prob_min, mask_prob_max) if dynamic_masking() else mask_prob
         hits = []                                                  # dynamic: the step's masked-bin accuracy
         for micro in range(grad_accum):
-            x, targets = clock.next_batch(batches, t, t.iter_num * grad_accum + micro, rate, env)
+            clock.waiting()
+            x, targets = next_batch(batches, t, t.iter_num * grad_accum + micro, rate, env)
+            clock.got(x)
             sync = nullcontext() if (not env.ddp or micro == grad_accum - 1) else t.model.no_sync()
             with sync:
                 with env.autocast:
@@ -578,10 +589,10 @@ def train_loop(run, t, step_loss, env, teacher=None):
                 aux, z = t.raw_model.aux_losses()                  # MoE: load balancing and router z-loss
                 total = total + aux_loss_weight * aux + z_loss_weight * z
                 t.scaler.scale(total / grad_accum).backward()
-            if dynamic():
+            if dynamic_masking():
                 hits.append(masked_hits(logits, targets))
-            clock.computed(len(masked_bins(targets)) * env.world_size)
-        if dynamic():
+            clock.computed(cells=len(x['genes'] if isinstance(x, dict) else x) * env.world_size)
+        if dynamic_masking():
             update_mask_rate(t, hits, env)
         optimizer_step(t, env)
         clock.computed()
@@ -600,8 +611,17 @@ def train_loop(run, t, step_loss, env, teacher=None):
     return True
 
 
+def next_batch(batches, t, step, rate, env):
+    """Micro-step `step`'s batch on the device; with dynamic masking, masked here at the live rate."""
+    x, targets = next(batches)
+    if dynamic_masking():                                          # targets: the cells, to seed their masks
+        x, targets = mask_batch(x, targets.numpy(), t.raw_model.config, step, rate)
+    return to_device(x, env), to_device(targets, env)
+
+
 class Clock:
-    """Where a step's time goes: waiting for the batch (data) or forward, backward and the optimizer (compute)."""
+    """Where a step's time goes: waiting for the batch (data) or forward, backward and the optimizer (compute); and
+    the share of padding tokens (expressed input)."""
     def __init__(self, env):
         self.env = env
         self.reset()
@@ -609,18 +629,14 @@ class Clock:
     def reset(self):
         self.t0, self.cells, self.data, self.compute, self.padding = time.time(), 0, 0.0, 0.0, []
 
-    def next_batch(self, batches, t, step, rate, env):
-        """The next batch on the device; dynamic masking masks it here, at the live rate."""
-        t_data = time.time()
-        x, targets = next(batches)
-        if dynamic():                                              # targets: the cells, to seed their masks
-            x, targets = mask_batch(x, targets.numpy(), t.raw_model.config, step, rate)
-        x, targets = to_device(x, env), to_device(targets, env)
+    def waiting(self):
+        self.t_data = time.time()
+
+    def got(self, x):
         self.t_compute = time.time()
-        self.data += self.t_compute - t_data
+        self.data += self.t_compute - self.t_data
         if isinstance(x, dict):
             self.padding.append((x['genes'] < 0).float().mean().item())
-        return x, targets
 
     def computed(self, cells=0):
         """Count the compute since the batch came (or since the last call): a micro-step's cells, or 0 after the
@@ -650,9 +666,10 @@ def update_mask_rate(t, hits, env):
 
 
 def optimizer_step(t, env):
-    """Clip the gradient norm, step, zero the gradients. `extra` is outside DDP's model: average its gradient here."""
-    if env.ddp and t.extra is not None:
-        for p in t.extra.parameters():
+    """Clip the gradient norm, step, zero the gradients. The projection is outside DDP's model: average its gradient
+    here."""
+    if env.ddp and t.projection is not None:
+        for p in t.projection.parameters():
             if p.grad is not None:
                 dist.all_reduce(p.grad)
                 p.grad /= env.world_size
@@ -668,13 +685,13 @@ def log_step(t, loss, lr, rate, aux, clock, env):
     """One log line: loss, learning rate, speed and where the time went (and the masking rate, padding, experts)."""
     t.history['iter'].append(t.iter_num)
     t.history['train_loss'].append(loss.item())
-    if dynamic():                                                  # the step's rate, and the EMA that sets the next
+    if dynamic_masking():                                          # the step's rate, and the EMA that sets the next
         t.history.setdefault('mask_rate', []).append(rate)
         t.history.setdefault('mask_acc_ema', []).append(t.mask_acc_ema)
     load = t.raw_model.expert_load(reset=True)
     env.log(f'iter {t.iter_num}: loss {loss.item():.4f}, lr {lr:.2e}, {clock.cells / (time.time() - clock.t0):.1f} '
             f'cells/s, data {1e3 * clock.data:.0f} ms / compute {1e3 * clock.compute:.0f} ms'
-            + (f', mask rate {rate:.3f} (masked-bin accuracy EMA {t.mask_acc_ema:.3f})' if dynamic() else '')
+            + (f', mask rate {rate:.3f} (masked-bin accuracy EMA {t.mask_acc_ema:.3f})' if dynamic_masking() else '')
             + (f', padding {np.mean(clock.padding):.0%}' if clock.padding else '')
             + (f', aux {aux.item():.3f}, {describe_load(load)}' if load is not None else ''))
     clock.reset()
@@ -801,7 +818,8 @@ def checkpoint(run, t, done=False):
     """ckpt.pt: everything resume needs to continue exactly."""
     save(os.path.join(run.dir, 'ckpt.pt'), {
         'model': t.raw_model.state_dict(), 'optimizer': t.optim.state_dict(), 'scaler': t.scaler.state_dict(),
-        'model_args': asdict(t.raw_model.config), 'projection': t.extra.state_dict() if t.extra is not None else None,
+        'model_args': asdict(t.raw_model.config),
+        'projection': t.projection.state_dict() if t.projection is not None else None,
         'iter_num': t.iter_num, 'best': t.best, 'history': t.history, 'config': config, 'mode': mode, 'fold': run.k,
         'test_batch': test_batch, 'vocab': run.data.vocab, 'label_names': run.label_names,
         'log_base': run.data.log_base, 'mask_acc_ema': t.mask_acc_ema, 'done': done})
@@ -819,9 +837,7 @@ def resume_checkpoint(run, env):
         raise UserError(f'{path} is not a nanoscBERT training checkpoint; resume needs the ckpt.pt of a run')
     if ckpt.get('mode') != mode:
         raise UserError(f"{path} is a {ckpt.get('mode')} run; resume it with --mode={ckpt.get('mode')}")
-    if ckpt.get('vocab') and list(ckpt['vocab']) != run.data.vocab:
-        raise UserError(f'{path} was trained on another gene vocabulary than {dataset}; prepare the data with '
-                        f'--vocab=<that vocab> (train.py writes it to its out_dir/vocab.txt)')
+    check_vocab(ckpt, path, run.data)
     try:
         model = ScBERT(model_config(dict(ckpt['model_args'])))
         model.load_state_dict(clean_state_dict(ckpt['model']))
@@ -830,30 +846,40 @@ def resume_checkpoint(run, env):
     return model, ckpt
 
 
-def resume(t, run, ckpt, started_with):
-    """Continue a run from its ckpt.pt on the same schedule, from the next step."""
+def check_vocab(ckpt, path, data):
+    """A checkpoint of ours must have been trained on the dataset's genes, in its order."""
+    if ckpt.get('vocab') and list(ckpt['vocab']) != data.vocab:
+        raise UserError(f'{path} was trained on another gene vocabulary than {data.path}; prepare the data with '
+                        f'--vocab=<that vocab> (each run writes it to its out_dir/vocab.txt)')
+
+
+def resume(t, run, ckpt, must_match):
+    """Continue a run from its ckpt.pt on the same schedule, from the next step. A distillation's checkpoint (its
+    config has a teacher) is distill.py's to resume, with the same must_match settings."""
     try:
         t.optim.load_state_dict(ckpt['optimizer'])
         t.scaler.load_state_dict(ckpt['scaler'])
     except (KeyError, ValueError) as e:
         raise UserError(f'cannot resume {run.dir}/ckpt.pt with these settings ({e}); keep the settings it was '
                         f'started with') from None
-    started = {name: ckpt['config'].get(name, default) for name, default in
-               (('teacher', ''), ('student_n_embd', 0))}
-    if started != started_with:
-        raise UserError(f'{run.dir}/ckpt.pt was started with {started}; resume it with the same --teacher and '
-                        f'--student_n_embd ({"train.py" if not started["teacher"] else "distill.py"} resumes it)')
+    distilled = bool(ckpt['config'].get('teacher'))
+    if distilled != ('teacher' in must_match):
+        raise UserError(f"{run.dir}/ckpt.pt is a {'distillation' if distilled else 'training'} run: resume it with "
+                        f"{'distill.py' if distilled else 'train.py'}")
+    started = {name: ckpt['config'].get(name) for name in must_match}
+    if started != must_match:
+        raise UserError(f'{run.dir}/ckpt.pt was started with {started}; resume it with the same settings')
     t.iter_num, t.best, t.history = ckpt['iter_num'] + 1, ckpt['best'], ckpt['history']
     t.mask_acc_ema = ckpt.get('mask_acc_ema', 0.0)
-    if t.extra is not None:
-        t.extra.load_state_dict(ckpt['projection'])
+    if t.projection is not None:
+        t.projection.load_state_dict(ckpt['projection'])
     t.done = bool(ckpt.get('done'))
 
 
 # -----------------------------------------------------------------------------
 # 8. The end of a run: the test fold, the baseline, the novelty rule; the summary over runs
 
-def finish(run, t, env, teacher=None, name='scBERT'):
+def finish(run, t, env, teacher=None):
     """Score the best checkpoint on the test fold beside logistic regression on the same folds, fit the novelty rule
     into best.pt, write metrics.json and loss.png -> the run's metrics (None on other ranks than 0)."""
     if not env.master:
@@ -862,37 +888,49 @@ def finish(run, t, env, teacher=None, name='scBERT'):
     result = {'fold': run.k, 'mode': mode, 'best_iter': t.best['iter'], 'n_train': len(run.train_idx),
               'n_val': len(run.val_idx)}
     if mode == 'finetune':
-        test_model(run, t, env, teacher, name, result)
+        score_test_fold(run, t, env, teacher, result)
     else:
         result['val'] = dict(t.best.get('val', {}), loss=t.best['loss'], iter=t.best['iter'])
     plot_loss(t.history, os.path.join(run.dir, 'loss.png'))
-    with atomic_write(os.path.join(run.dir, 'metrics.json')) as tmp, open(tmp, 'w') as f:
-        json.dump(result, f, indent=1)
+    write_json(os.path.join(run.dir, 'metrics.json'), result)
     checkpoint(run, t, done=True)
     return result
 
 
-def finished(run, env):
+def log_run(run, t, env):
+    """The run's first log line: its cells, the model's size, the processes, device and dtype."""
+    raw = t.raw_model
+    n_train = sum(p.numel() for p in raw.parameters() if p.requires_grad)
+    moe = ''
+    if raw.config.n_expert:
+        moe = (f'; {raw.num_active_params() / 1e6:.2f}M active per token, '
+               f'{raw.num_active_params(embeddings=False) / 1e6:.2f}M without the embeddings')
+    env.log(f'fold {run.k}: {len(run.train_idx)} train / {len(run.val_idx)} val / '
+            f'{0 if run.test_idx is None else len(run.test_idx)} test cells; {raw.num_params() / 1e6:.2f}M parameters '
+            f'({n_train / 1e6:.2f}M trainable{moe}); {env.world_size} process(es) on {env.device}, {env.dtype}'
+            + ('' if run.data.preloaded else f'; streaming {dataset} from disk'))
+
+
+def already_finished(run, env):
     """A resumed run that had already finished: its metrics."""
     env.log(f'fold {run.k}: already finished in {run.dir}')
     with open(os.path.join(run.dir, 'metrics.json')) as f:
         return json.load(f)
 
 
-def test_model(run, t, env, teacher, name, result):
+def score_test_fold(run, t, env, teacher, result):
     """Fine-tuning's end: the best model on the test fold, the baseline, the novelty rule (and holdout's report)."""
     best_ckpt = torch.load(os.path.join(run.dir, 'best.pt'), map_location=env.device, weights_only=True)
-    best_model = ScBERT(ModelConfig(**best_ckpt['model_args'])).to(env.device)
-    best_model.load_state_dict(best_ckpt['model'])
+    best_model = ScBERT.from_checkpoint(best_ckpt).to(env.device)
     test = evaluate(best_model, run, run.test_idx, env, teacher)
     prob = test.pop('prob')
     result.update(n_test=len(run.test_idx), val=best_ckpt['val'], test=test)
-    env.log(f'fold {run.k} test  {name:20s} {format_metrics_line(test)}  (best val iter {t.best["iter"]})'
+    env.log(f'fold {run.k} test  scBERT               {format_metrics_line(test)}  (best val iter {t.best["iter"]})'
             + (f', agrees with the teacher on {test["teacher_agreement"]:.1%}' if teacher is not None else ''))
     if 'expert_load' in test:
         env.log(f'fold {run.k} test  {describe_load(test["expert_load"])}')
     plot_confusion(test['confusion'], run.label_names, os.path.join(run.dir, 'confusion.png'),
-                   title=f'{name}, test fold {run.k}: {format_metrics_line(test)}')
+                   title=f'scBERT, test fold {run.k}: {format_metrics_line(test)}')
     np.save(os.path.join(run.dir, 'test_prob.npy'), prob)
     if baseline:
         result['baseline'] = logistic_regression(run)
@@ -957,7 +995,7 @@ def novelty_of(model, run, rule, env):
     return out
 
 
-def summarize(results, env, name='scBERT'):
+def summarize(results, env):
     """Over the runs: the novelty table (holdout), or the mean ± sd over folds (fold='all'), in out_dir."""
     if not env.master or not all(results):
         return
@@ -972,7 +1010,7 @@ def summarize(results, env, name='scBERT'):
                                 for m in ('accuracy', 'macro_f1')}
         write_json(os.path.join(out_dir, 'metrics.json'), {'n_folds': len(results), 'summary': summary,
                                                            'folds': results})
-        for who, label in (('test', name), ('baseline', 'logistic regression')):
+        for who, label in (('test', 'scBERT'), ('baseline', 'logistic regression')):
             if who in summary:
                 s = summary[who]
                 env.log(f'{len(results)}-fold CV  {label:20s} accuracy {s["accuracy"]["mean"]:.3f} ± '
