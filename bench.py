@@ -84,7 +84,8 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from data import Dataset, UserError, atomic_write, cell_seeds, model_input, prepare_default_dataset
+from data import (Dataset, UserError, atomic_write, cell_seeds, load_checkpoint, model_input,
+                  prepare_default_dataset)
 from lowbit import packed_state_dict, quantize
 from model import ModelConfig, ScBERT, as_bitlinear
 
@@ -580,13 +581,13 @@ def print_profile(label, fn):
 def build(spec, cells):
     """The variant's model and the cells it reads (a checkpoint's: mapped onto its genes), and notes about them."""
     if spec['ckpt']:
+        ckpt = load_checkpoint(spec['ckpt'], 'variants')
         try:
-            ckpt = torch.load(spec['ckpt'], map_location='cpu', weights_only=True)
             model = ScBERT.from_checkpoint(ckpt)
             genes = list(ckpt['vocab']) if 'model_args' in ckpt else None   # an original has no gene names
         except Exception as e:
-            raise UserError(f"cannot load checkpoint {spec['ckpt']} ({type(e).__name__}: {str(e)[:160]}); give a "
-                            f"ckpt.pt of train.py or an original scBERT .pth") from None
+            raise UserError(f"checkpoint {spec['ckpt']} is not a model of ours or an original scBERT one "
+                            f"({type(e).__name__}: {str(e)[:160]}); give a ckpt.pt of train.py or a .pth") from None
         mc, notes = model.config, ['the checkpoint brings its own architecture'] if OVERRIDES else []
         if genes is None or cells['genes'] is None:                   # no names to match: synthetic cells on its panel
             n_cells, n_expr = len(cells['csr'][0]) - 1, max(1, int(expressed_frac * mc.n_genes))

@@ -55,13 +55,19 @@ def atomic_write(path):
 
 def load_checkpoint(path, setting='ckpt'):
     """A checkpoint file: our dict or an original scBERT state dict, read with weights_only=True (tensors and plain
-    types only: nothing is unpickled). A missing or unreadable file is a UserError naming the setting to fix."""
+    types only: nothing is unpickled). A missing or unreadable file, or one that holds Python objects (which
+    unpickling could run as code), is a UserError naming the setting to fix."""
     import torch
     if not os.path.isfile(path):
         raise UserError(f'checkpoint {path} not found (check --{setting})')
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
+        if 'Weights only load failed' in str(e):              # torch's refusal of a pickled object: not corruption
+            raise UserError(f"checkpoint {path} holds Python objects besides tensors, and is refused for safety "
+                            f"(unpickling them could run code). If you trust its source, load it once with "
+                            f"torch.load(path, weights_only=False) and torch.save its state dict (tensors, numbers, "
+                            f"strings) to a new file for --{setting}") from None
         raise UserError(f'cannot read checkpoint {path} ({type(e).__name__}); it is corrupt or not a PyTorch '
                         f'checkpoint') from None
 
@@ -280,9 +286,9 @@ def choose_matrix(h5, layer='auto'):
             for m, kind in kinds.items():
                 if kind == want:
                     return m, kind
-        raise UserError(f"{h5.path} holds scaled values (negative numbers) in {', '.join(kinds)}, not counts; save the "
-                        f"raw counts in .raw or layers['counts'], or set --layer=<matrix with counts> (present: "
-                        f"{', '.join(present)})")
+        raise UserError(f"{h5.path} holds negative numbers in {negatives(h5, kinds)}: scaled values, not counts? "
+                        f"Save the raw counts in .raw or layers['counts'], or set --layer=<matrix with counts> "
+                        f"(present: {', '.join(present)}); if only a few entries are negative, fix those values")
     matrix = layer if layer in ('X', 'raw') or layer.startswith('layers/') else f'layers/{layer}'
     if matrix not in present:
         raise UserError(f"layer '{layer}' not in {h5.path}; available: {', '.join(present)} "
@@ -290,9 +296,21 @@ def choose_matrix(h5, layer='auto'):
     kind = matrix_kind(h5.sample(matrix))
     if kind == 'scaled':
         others = ', '.join(m for m in present if m != matrix) or 'none'
-        raise UserError(f"{matrix} of {h5.path} holds negative values (scaled data, not counts); set --layer=<matrix "
-                        f"with counts> (other matrices: {others}) or --layer=auto")
+        raise UserError(f"{matrix} of {h5.path} holds negative values ({negatives(h5, [matrix])}: scaled data, not "
+                        f"counts?); set --layer=<matrix with counts> (other matrices: {others}) or --layer=auto, or "
+                        f"fix those values if only a few are negative")
     return matrix, kind
+
+
+def negatives(h5, matrices):
+    """'X: 3 of 100,000 sampled values negative (min -1.2), raw: ...' for the matrices' samples."""
+    parts = []
+    for m in matrices:
+        values = h5.sample(m)
+        values = values[np.isfinite(values)]
+        parts.append(f'{m}: {int((values < 0).sum()):,} of {values.size:,} sampled values negative (min '
+                     f'{values.min():.3g})')
+    return '; '.join(parts)
 
 
 def gene_symbols(h5, matrix, gene_key=''):
@@ -354,8 +372,9 @@ class ProcessedH5AD:
         if not np.isfinite(vals).all():
             raise UserError(f"NaN or Inf values in {where}; fix or remove those cells before preparing")
         if (vals < 0).any():
-            raise UserError(f"negative values in {where}: counts or log-normalized values expected, not scaled data "
-                            f"(set --layer= to a matrix of counts; present: {', '.join(self.h5.matrices())})")
+            raise UserError(f"{int((vals < 0).sum()):,} negative values in {where} (min {vals.min():.3g}): counts or "
+                            f"log-normalized values expected, not scaled data (set --layer= to a matrix of counts; "
+                            f"present: {', '.join(self.h5.matrices())}), or fix those values")
         rows = np.repeat(np.arange(n), np.diff(indptr))
         nonzero = vals > 0  # sparse files may store explicit zeros
         rows, cols, vals = rows[nonzero], cols[nonzero], vals[nonzero].astype(np.float64)

@@ -95,8 +95,7 @@ def distil_run(run, env):
         student = make_student(teacher_model)
     if training.compile:                                           # (after the student took the teacher's weights)
         teacher_model = torch.compile(teacher_model)
-    t = training.start(run, student, ckpt, env, make_projection=projection_maker(student, teacher_model, env),
-                       must_match={'teacher': teacher, 'student_n_embd': student_n_embd})
+    t = training.start(run, student, ckpt, env, make_projection=projection_maker(student, teacher_model, env))
     if t.done:
         return training.already_finished(run, env)
     class_weight = training.class_weight_of(run, env)
@@ -265,7 +264,7 @@ def distillation_loss(model, teacher_model, projection, x, targets, class_weight
     the cosine between the two models' hidden states over the real tokens; for scBERT 2.0 pretraining also alpha_mse x
     the MSE to the teacher's predicted values. Soft targets and MSE are on the masked genes when pretraining (as
     DistilBERT's), on the cell-type logits when fine-tuning. Each term is scaled by its DDP share (per masked gene,
-    per cell or per token). -> (the student's logits, its own loss, for the log, the total)."""
+    per cell or per token). -> (the student's logits, its own loss (weighted, for the log), the total)."""
     finetune = training.mode == 'finetune'
     logits, own, hidden = model(x, targets, class_weight=class_weight, mlm_weight=training.mlm_weight,
                                 regression_weight=training.regression_weight, return_hidden=True)
@@ -280,7 +279,7 @@ def distillation_loss(model, teacher_model, projection, x, targets, class_weight
     if finetune:                                                   # a mean over cells
         cells = torch.tensor(float(len(targets)), device=env.device)
         soft = alpha_ce * kd_loss(logits, t_logits, temperature)
-        return logits, own, total + soft * training.global_share(cells, env)
+        return logits, own * share, total + soft * training.global_share(cells, env)
     if isinstance(logits, dict):                                   # expressed input: the masked bins and values
         sel = targets['bins'] != -100
         soft = (alpha_ce * kd_loss(logits['bins'][sel], t_logits['bins'][sel], temperature)
@@ -288,7 +287,7 @@ def distillation_loss(model, teacher_model, projection, x, targets, class_weight
     else:
         sel = targets != -100
         soft = alpha_ce * kd_loss(logits[sel], t_logits[sel], temperature)
-    return logits, own, total + soft * share                       # means over the masked genes, as the own loss
+    return logits, own * share, total + soft * share               # means over the masked genes, as the own loss
 
 
 if __name__ == '__main__':

@@ -31,7 +31,7 @@ import h5py
 import numpy as np
 import torch
 
-from data import UserError, atomic_write, model_input, process_h5ad, read_gene_list
+from data import UserError, atomic_write, load_checkpoint, model_input, process_h5ad, read_gene_list
 import metrics  # metrics.NOVELTY_SCORES (a module global here would read as a setting)
 from metrics import novelty_scores, plot_top_genes
 from model import ScBERT, pool, token_valid
@@ -148,11 +148,7 @@ def novelty_threshold(stats):
 
 
 # the model, its gene vocabulary and its class names
-try:
-    checkpoint = torch.load(ckpt, map_location='cpu', weights_only=True)
-except Exception as e:
-    raise UserError(f'cannot read checkpoint {ckpt} ({type(e).__name__}); it is corrupt or not a PyTorch '
-                    f'checkpoint') from None
+checkpoint = load_checkpoint(ckpt)
 ours = isinstance(checkpoint, dict) and 'model_args' in checkpoint
 model, genes, classes, log_base = load_ours(checkpoint) if ours else load_original(checkpoint)
 if model.cls_head is None:

@@ -109,7 +109,8 @@ def train_run(run, env):
         logits, loss = model(x, targets, class_weight=class_weight, mlm_weight=training.mlm_weight,
                              regression_weight=training.regression_weight)
         # DDP: a mean over the global batch, not a mean of the ranks' means (their masked counts differ)
-        return logits, loss, loss * training.loss_share(targets, class_weight, env)
+        loss = loss * training.loss_share(targets, class_weight, env)
+        return logits, loss, loss
 
     if not training.train_loop(run, t, step_loss, env):
         return None
@@ -174,7 +175,11 @@ def new_model(run):
     if gene2vec:
         if not os.path.isfile(gene2vec):
             raise UserError(f'gene2vec file {gene2vec} not found')
-        weight = np.load(gene2vec, allow_pickle=False)
+        try:
+            weight = np.load(gene2vec, allow_pickle=False)
+        except ValueError:                                         # an object array: refused, as pickles are
+            raise UserError(f'gene2vec {gene2vec} holds Python objects (a pickled array), refused for safety; save '
+                            f'the table as numbers: np.save(path, table.astype(np.float32))') from None
         if weight.shape != (run.data.n_genes, n_embd):
             raise UserError(f'gene2vec {gene2vec} has shape {weight.shape}; this dataset and n_embd need '
                             f'({run.data.n_genes}, {n_embd}), rows in the vocab order of {training.dataset}/vocab.txt')

@@ -54,6 +54,8 @@ eval_interval = 50             # iterations between validations and checkpoints
 log_interval = 10              # iterations between log lines
 eval_cells = 2000              # at most this many validation cells per evaluation (0 = all)
 stop_iter = 0                  # stop after this iteration as if killed, to continue with --init_from=resume (0 = never)
+resume_changes = ''            # resume: settings that may differ from the checkpoint's, comma-separated (e.g.
+                               # 'max_iters,learning_rate' changes the schedule); any other difference is refused
 # training
 batch_size = 16                # cells per step per process (global batch = batch_size * processes * grad_accum)
 grad_accum = 1                 # micro-batches per optimizer step
@@ -113,6 +115,9 @@ seed = 1337                    # seeds initialisation, batches, masks and dropou
 SHARED = {k: v for k, v in dict(globals()).items()
           if not k.startswith('_') and not k.isupper() and isinstance(v, SETTING_TYPES)}
 config = {}                    # every setting of the running script, as configure_settings() set them (checkpoints)
+# what a resumed run may change without resume_changes: where it writes, how it logs, what runs it; not what it learns
+FREE_ON_RESUME = ('out_dir', 'init_from', 'stop_iter', 'resume_changes', 'log_interval', 'num_workers', 'num_threads',
+                  'device', 'compile', 'preload', 'baseline', 'baseline_max_cells', 'lr_C')
 
 
 def configure_settings(scope, argv=None, ignored_in_files=()):
@@ -538,9 +543,9 @@ class Training:
         return [*self.raw_model.parameters(), *(self.projection.parameters() if self.projection is not None else [])]
 
 
-def start(run, model, ckpt, env, make_projection=None, must_match=None):
+def start(run, model, ckpt, env, make_projection=None):
     """Model on the device, optimizer (with the parameters of make_projection(), if given), and, resuming, their
-    state -> Training. must_match: the script's settings a resumed run must have kept (distill.py's teacher)."""
+    state -> Training."""
     if env.master:
         os.makedirs(run.dir, exist_ok=True)
         with atomic_write(os.path.join(run.dir, 'vocab.txt')) as tmp, open(tmp, 'w') as f:
@@ -554,7 +559,7 @@ def start(run, model, ckpt, env, make_projection=None, must_match=None):
         optim.add_param_group({'params': list(projection.parameters()), 'weight_decay': 0.0})
     t = Training(raw_model, raw_model, optim, torch.amp.GradScaler(enabled=env.dtype == 'float16'), projection)
     if ckpt is not None:
-        resume(t, run, ckpt, must_match or {})
+        resume(t, run, ckpt, env)
     if compile:
         t.model = torch.compile(t.model)
     if env.ddp:
@@ -564,8 +569,8 @@ def start(run, model, ckpt, env, make_projection=None, must_match=None):
 
 def train_loop(run, t, step_loss, env, teacher=None):
     """nanoGPT's loop: set the learning rate, accumulate grad_accum micro-batches' gradients, step the optimizer; log,
-    evaluate and checkpoint now and then. step_loss(model, x, targets) -> (logits, the loss to log, the loss to
-    backpropagate, weighted for DDP) is the script's. Returns False when stopped by stop_iter."""
+    evaluate and checkpoint now and then. step_loss(model, x, targets) -> (logits, the task's loss, the loss to
+    backpropagate), both weighted for DDP (loss_share), is the script's. Returns False when stopped by stop_iter."""
     batches = batches_from(run, t.raw_model.config, t.iter_num * grad_accum, env)
     t.model.train()
     t.raw_model.expert_load(reset=True)
@@ -598,7 +603,7 @@ def train_loop(run, t, step_loss, env, teacher=None):
         clock.computed()
         pbar.update(1)
         if t.iter_num % log_interval == 0 or t.iter_num == max_iters - 1:
-            log_step(t, loss, lr, rate, aux, clock, env)
+            log_step(t, global_mean(loss, env), lr, rate, aux, clock, env)
         if t.iter_num % eval_interval == 0 or t.iter_num == max_iters - 1:
             validate(run, t, env, teacher)
             clock.t0 = time.time()                                 # leave evaluation out of the cells/s figure
@@ -679,6 +684,17 @@ def optimizer_step(t, env):
     t.scaler.step(t.optim)
     t.scaler.update()
     t.optim.zero_grad(set_to_none=True)
+
+
+def global_mean(loss, env):
+    """A micro-batch's loss, weighted by its DDP share, -> its mean over the ranks: the loss of the global batch (in
+    one process, the loss itself)."""
+    loss = loss.detach().float()
+    if env.ddp:
+        loss = loss.clone()
+        dist.all_reduce(loss)
+        loss /= env.world_size
+    return loss
 
 
 def log_step(t, loss, lr, rate, aux, clock, env):
@@ -804,7 +820,7 @@ def validate(run, t, env, teacher=None):
                 'mode': mode, 'config': config, 'vocab': run.data.vocab, 'label_names': run.label_names,
                 'log_base': run.data.log_base, 'val': {m: val[m] for m in val if m != 'prob'}, 'fold': run.k,
                 'test_batch': test_batch})
-        checkpoint(run, t)
+        checkpoint(run, t, env)
     if env.ddp:
         dist.barrier()
 
@@ -814,7 +830,7 @@ def save(path, obj):
         torch.save(obj, tmp)
 
 
-def checkpoint(run, t, done=False):
+def checkpoint(run, t, env, done=False):
     """ckpt.pt: everything resume needs to continue exactly."""
     save(os.path.join(run.dir, 'ckpt.pt'), {
         'model': t.raw_model.state_dict(), 'optimizer': t.optim.state_dict(), 'scaler': t.scaler.state_dict(),
@@ -822,7 +838,7 @@ def checkpoint(run, t, done=False):
         'projection': t.projection.state_dict() if t.projection is not None else None,
         'iter_num': t.iter_num, 'best': t.best, 'history': t.history, 'config': config, 'mode': mode, 'fold': run.k,
         'test_batch': test_batch, 'vocab': run.data.vocab, 'label_names': run.label_names,
-        'log_base': run.data.log_base, 'mask_acc_ema': t.mask_acc_ema, 'done': done})
+        'log_base': run.data.log_base, 'mask_acc_ema': t.mask_acc_ema, 'done': done, 'world_size': env.world_size})
 
 
 def resume_checkpoint(run, env):
@@ -853,27 +869,55 @@ def check_vocab(ckpt, path, data):
                         f'--vocab=<that vocab> (each run writes it to its out_dir/vocab.txt)')
 
 
-def resume(t, run, ckpt, must_match):
-    """Continue a run from its ckpt.pt on the same schedule, from the next step. A distillation's checkpoint (its
-    config has a teacher) is distill.py's to resume, with the same must_match settings."""
+def resume(t, run, ckpt, env):
+    """Continue a run from its ckpt.pt on the same schedule, from the next step, and say so. The settings must be the
+    checkpoint's (but FREE_ON_RESUME and those named in resume_changes); a distillation's checkpoint (its config has
+    a teacher) is distill.py's to resume."""
+    path = os.path.join(run.dir, 'ckpt.pt')
+    distilled = bool(ckpt['config'].get('teacher'))
+    if distilled != ('teacher' in config):
+        raise UserError(f"{path} is a {'distillation' if distilled else 'training'} run: resume it with "
+                        f"{'distill.py' if distilled else 'train.py'}")
+    check_changes(ckpt, path, env)
     try:
         t.optim.load_state_dict(ckpt['optimizer'])
         t.scaler.load_state_dict(ckpt['scaler'])
     except (KeyError, ValueError) as e:
-        raise UserError(f'cannot resume {run.dir}/ckpt.pt with these settings ({e}); keep the settings it was '
-                        f'started with') from None
-    distilled = bool(ckpt['config'].get('teacher'))
-    if distilled != ('teacher' in must_match):
-        raise UserError(f"{run.dir}/ckpt.pt is a {'distillation' if distilled else 'training'} run: resume it with "
-                        f"{'distill.py' if distilled else 'train.py'}")
-    started = {name: ckpt['config'].get(name) for name in must_match}
-    if started != must_match:
-        raise UserError(f'{run.dir}/ckpt.pt was started with {started}; resume it with the same settings')
+        raise UserError(f'cannot resume {path} with these settings ({e}); keep the settings it was started '
+                        f'with') from None
     t.iter_num, t.best, t.history = ckpt['iter_num'] + 1, ckpt['best'], ckpt['history']
     t.mask_acc_ema = ckpt.get('mask_acc_ema', 0.0)
     if t.projection is not None:
         t.projection.load_state_dict(ckpt['projection'])
     t.done = bool(ckpt.get('done'))
+    if not t.done:
+        best = t.best
+        so_far = ('none yet' if best['iter'] < 0 else f"macro-F1 {best['macro_f1']:.4f} at iteration {best['iter']}"
+                  if mode == 'finetune' else f"loss {best['loss']:.4f} at iteration {best['iter']}")
+        env.log(f'resumed {path}: iteration {t.iter_num} of {max_iters} is next; best validation so far: {so_far}')
+
+
+def check_changes(ckpt, path, env):
+    """Refuse a resumed run whose settings differ from the checkpoint's, but those free to change (FREE_ON_RESUME)
+    and those named in resume_changes; say which changed either way. The number of processes counts too: it sets the
+    global batch."""
+    allowed = {name.strip() for name in resume_changes.split(',') if name.strip()}
+    unknown = allowed - set(config) - {'processes'}
+    if unknown:
+        raise UserError(f"resume_changes names {', '.join(sorted(unknown))}, which are not settings")
+    before = dict(ckpt['config'], processes=ckpt.get('world_size', env.world_size))
+    now = dict(config, processes=env.world_size)
+    changed = {k: (before[k], now[k]) for k in now if k in before and before[k] != now[k] and k not in FREE_ON_RESUME}
+    refused = {k: v for k, v in changed.items() if k not in allowed}
+    if refused:
+        raise UserError(f"{path} was started with other settings: {describe_changes(refused)}; resume with the same, "
+                        f"or allow the change with --resume_changes={','.join(refused)}")
+    if changed:
+        env.log(f'resume changes {describe_changes(changed)} (resume_changes)')
+
+
+def describe_changes(changed):
+    return ', '.join(f'{k} {a!r} -> {b!r}' for k, (a, b) in changed.items())
 
 
 # -----------------------------------------------------------------------------
@@ -893,7 +937,7 @@ def finish(run, t, env, teacher=None):
         result['val'] = dict(t.best.get('val', {}), loss=t.best['loss'], iter=t.best['iter'])
     plot_loss(t.history, os.path.join(run.dir, 'loss.png'))
     write_json(os.path.join(run.dir, 'metrics.json'), result)
-    checkpoint(run, t, done=True)
+    checkpoint(run, t, env, done=True)
     return result
 
 

@@ -222,6 +222,7 @@ def test_negative_counts(tmp_path):
     result = prepare(f'--input={tmp_path / "bad.h5ad"}', f'--out_dir={tmp_path / "out"}', '--label_key=',
                      '--min_genes=0', check=False)
     assert_user_error(result, tmp_path / 'out', 'negative numbers', 'not counts', '--layer=')
+    assert re.search(r'X: 1 of [0-9,]+ sampled values negative \(min -3\)', result.stderr), result.stderr
 
 
 def test_no_cells_after_qc(tmp_path):

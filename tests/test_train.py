@@ -1,5 +1,6 @@
 """train.py and predict.py end to end, in-process on small real data: loss falls, resume is exact, DDP matches one
 process, original scBERT checkpoints fine-tune and predict, bad input fails cleanly, and the README quick start runs."""
+import argparse
 import csv
 import json
 import re
@@ -77,6 +78,34 @@ def test_resume_reaches_the_same_result(baron, tmp_path):
     assert ma['test'] == mb['test'] and ma['best_iter'] == mb['best_iter']
 
 
+def test_resume_says_what_it_did_and_keeps_the_settings(baron, tmp_path):
+    """A resumed run says so in one line; a changed learning rate is refused, or allowed by name and reported."""
+    out = tmp_path / 'out'
+    args = [f'--dataset={baron}', *TINY, f'--out_dir={out}', '--max_iters=12', '--eval_interval=4', '--baseline=False']
+    run('train.py', *args, '--stop_iter=5')
+    refused = run('train.py', *args, '--init_from=resume', '--learning_rate=2e-3', check=False)
+    user_error(refused, r"learning_rate 0\.001 -> 0\.002.*--resume_changes=learning_rate")
+    user_error(run('train.py', *args, '--init_from=resume', '--resume_changes=lr', check=False), 'not settings')
+    result = run('train.py', *args, '--init_from=resume', '--learning_rate=2e-3', '--resume_changes=learning_rate',
+                 '--num_threads=2')                               # num_threads is free to change
+    assert re.search(rf'resumed {re.escape(str(out / "ckpt.pt"))}: iteration 5 of 12 is next; best validation so far: '
+                     r'macro-F1 [0-9.]+ at iteration 4', result.stdout), result.stdout
+    assert "resume changes learning_rate 0.001 -> 0.002" in result.stdout
+    assert 'num_threads' not in result.stdout and 'note: the model comes from' not in result.stdout
+
+
+def test_a_pickled_checkpoint_is_refused_for_safety(baron, tmp_path):
+    """A file holding Python objects is not called corrupt: it is refused for safety, with the way out."""
+    path = tmp_path / 'pickled.pt'
+    torch.save({'model': {}, 'args': argparse.Namespace(lr=1)}, path)
+    for script, setting in (('train.py', f'--init_from={path}'), ('predict.py', f'--ckpt={path}'),
+                            ('bench.py', f'--variants={path}'), ('quantize.py', f'--ckpt={path}')):
+        data = f'--dataset={baron}' if script != 'predict.py' else f'--input={FIXTURES / "counts_csr.h5ad"}'
+        other = f'--out_dir={tmp_path / "o"}' if script == 'train.py' else '--num_threads=1'
+        user_error(run(script, data, setting, other, check=False),
+                   r'holds Python objects besides tensors, and is refused for safety.*weights_only=False')
+
+
 @pytest.mark.parametrize('mode', ['finetune', 'pretrain'])
 def test_ddp_two_processes_match_one(baron, tmp_path, mode):
     # pretraining: the ranks mask different numbers of genes; class weights: different weight sums. Either way the loss
@@ -90,6 +119,8 @@ def test_ddp_two_processes_match_one(baron, tmp_path, mode):
     for k in one['model']:
         assert torch.allclose(one['model'][k].float(), two['model'][k].float(), atol=1e-5), k
     assert int(two['model']['n_redraws']) == int(one['model']['n_redraws']) > 0
+    # the logged training loss is the global batch's under DDP too, not rank 0's own
+    np.testing.assert_allclose(two['history']['train_loss'], one['history']['train_loss'], rtol=1e-5)
 
 
 def test_predict_end_to_end(scbert_model, tmp_path):
@@ -327,6 +358,9 @@ def test_gene2vec_is_loaded_and_frozen(baron, tmp_path):
     np.save(tmp_path / 'bad.npy', weight[:10])
     user_error(run('train.py', f'--dataset={baron}', f'--out_dir={tmp_path / "x"}', *TINY,
                    f'--gene2vec={tmp_path / "bad.npy"}', check=False), 'has shape')
+    np.save(tmp_path / 'pickled.npy', np.array([{'a': 1}], dtype=object), allow_pickle=True)
+    user_error(run('train.py', f'--dataset={baron}', f'--out_dir={tmp_path / "x"}', *TINY,
+                   f'--gene2vec={tmp_path / "pickled.npy"}', check=False), 'gene2vec .* holds Python objects')
 
 
 def test_grad_accum_matches_a_bigger_batch(baron, tmp_path):
