@@ -11,10 +11,13 @@ A prepared dataset is a directory (written by prepare_data.py) holding
     meta.json  counts, label/batch names, settings and sources
 torch is imported only inside the functions that need it, so that prepare_data.py starts fast.
 """
+import errno
 import json
 import math
 import os
+import re
 import shutil
+import tempfile
 import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -33,7 +36,8 @@ class UserError(SystemExit):
 @contextmanager
 def atomic_write(path):
     """Yield a temporary path next to `path` ('<path>.tmp-<pid>'). The caller writes a file or creates a directory
-    there; on success it replaces `path`, on any failure (UserError included) it is removed: nothing half-written."""
+    there; on success it replaces `path`, on any failure (UserError included) it is removed: nothing half-written.
+    A failed write (a full disk, a read-only folder) is a UserError that says why and how much space is left."""
     path = os.path.normpath(path)  # a trailing '/' would put the temporary path inside the target
     tmp = f'{path}.tmp-{os.getpid()}'
     try:
@@ -45,12 +49,70 @@ def atomic_write(path):
             shutil.rmtree(old)
         else:
             os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.isdir(tmp):
-            shutil.rmtree(tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
         elif os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, OSError):
+            raise UserError(write_failure(path, e)) from None
         raise
+
+
+def write_failure(path, error, needed=0):
+    """Why `path` could not be written, in words, with the free space of its disk (and what it needed) and the fix."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        free = f'; {shutil.disk_usage(folder).free / 2**20:,.0f} MiB free on its disk'
+    except OSError:
+        free = ''
+    free += f', about {needed / 2**20:,.1f} MiB needed' if needed else ''
+    reason = {errno.ENOSPC: 'the disk is full', errno.EROFS: 'the file system is read-only',
+              errno.EACCES: 'permission denied', errno.EDQUOT: 'the disk quota is exceeded'}.get(
+        error.errno, error.strerror or str(error))
+    return f'cannot write {path}: {reason}{free}; free some space, or choose another output folder'
+
+
+def check_writable(folder, setting='out_dir'):
+    """Fail early, before any work, if files cannot be written in `folder` (or, when it does not exist yet, in the
+    nearest folder above it, where it would be made): a probe file is written and removed. Nothing is created."""
+    existing = os.path.abspath(folder)
+    while not os.path.isdir(existing):
+        if os.path.exists(existing):
+            raise UserError(f'--{setting}={folder}: {existing} is a file, not a folder; choose another --{setting}')
+        existing = os.path.dirname(existing)
+    try:
+        fd, probe = tempfile.mkstemp(dir=existing, prefix='.write-probe-')
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        reason = write_failure(os.path.join(existing, '<file>'), e).split(': ', 1)[1].split(';')[0]
+        raise UserError(f'cannot write in {existing} ({reason}), where --{setting}={folder} goes; choose a writable '
+                        f'--{setting}') from None
+
+
+def remove_stale_temporaries(folder):
+    """Remove atomic_write's temporaries ('<name>.tmp-<pid>') that processes no longer running left in folder (a
+    kill -9 during a write). Returns their names."""
+    removed = []
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        match = re.fullmatch(r'.+\.(tmp|old)-(\d+)', name)
+        if not match or pid_alive(int(match[2])):
+            continue
+        target = os.path.join(folder, name)
+        shutil.rmtree(target, ignore_errors=True) if os.path.isdir(target) else os.remove(target)
+        removed.append(name)
+    return removed
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:                 # someone else's process: alive
+        return True
+    return True
 
 
 def load_checkpoint(path, setting='ckpt'):

@@ -32,9 +32,9 @@ from tqdm import tqdm
 
 import metrics
 from configurator import SETTING_TYPES, configure
-from data import (Dataset, UserError, atomic_write, cell_seeds, dynamic_mask_rate, fold_split, leave_out_type,
-                  load_checkpoint, mask_expressed, mask_panel, masking_units, model_input, parse_multiscale_weights,
-                  prepare_default_dataset)
+from data import (Dataset, UserError, atomic_write, cell_seeds, check_writable, dynamic_mask_rate, fold_split,
+                  leave_out_type, load_checkpoint, mask_expressed, mask_panel, masking_units, model_input,
+                  parse_multiscale_weights, prepare_default_dataset, remove_stale_temporaries, write_failure)
 from metrics import (classification_metrics, fit_logistic_regression, format_metrics_line, novelty_report,
                      novelty_rule, novelty_scores, plot_confusion, plot_loss)
 from model import ModelConfig, ScBERT, clean_state_dict
@@ -162,6 +162,7 @@ def check_settings():
     if fold == 'all' and test_batch:
         raise UserError(f"test_batch='{test_batch}' gives one split; use --fold=0 (the fold that picks the validation "
                         f"cells)")
+    check_writable(out_dir)
 
 
 def model_config(args):
@@ -247,6 +248,9 @@ def load_dataset(env):
     if mode == 'finetune' and not data.label_names:
         raise UserError(f'{dataset} has no labels; prepare it with --label_key=<obs column> to fine-tune, or use '
                         f'--mode=pretrain')
+    if mode == 'finetune' and len(data.label_names) < 2:
+        raise UserError(f"every labelled cell of {dataset} is '{data.label_names[0]}': one cell type leaves nothing to "
+                        f"learn; prepare data with two or more types (--label_key=...), or use --mode=pretrain")
     return data
 
 
@@ -548,6 +552,9 @@ def start(run, model, ckpt, env, make_projection=None):
     state -> Training."""
     if env.master:
         os.makedirs(run.dir, exist_ok=True)
+        stale = remove_stale_temporaries(run.dir)                  # of writes killed mid-way (kill -9)
+        if stale:
+            env.log(f"removed {len(stale)} temporary file(s) that killed writes left in {run.dir}: {', '.join(stale)}")
         with atomic_write(os.path.join(run.dir, 'vocab.txt')) as tmp, open(tmp, 'w') as f:
             f.write('\n'.join(run.data.vocab) + '\n')
     set_trainable(model, env)
@@ -574,46 +581,44 @@ def train_loop(run, t, step_loss, env, teacher=None):
     batches = batches_from(run, t.raw_model.config, t.iter_num * grad_accum, env)
     t.model.train()
     t.raw_model.expert_load(reset=True)
-    pbar = tqdm(total=max_iters, initial=t.iter_num, disable=not env.master, desc=f'fold {run.k}', leave=False)
     clock = Clock(env)
-    while t.iter_num < max_iters:
-        lr = lr_at(t.iter_num)
-        for group in t.optim.param_groups:
-            group['lr'] = lr
-        torch.manual_seed(seed + t.iter_num * env.world_size + env.rank)     # dropout: the same on resume
-        rate = dynamic_mask_rate(t.mask_acc_ema, mask_prob_min, mask_prob_max) if dynamic_masking() else mask_prob
-        hits = []                                                  # dynamic: the step's masked-bin accuracy
-        for micro in range(grad_accum):
-            clock.waiting()
-            x, targets = next_batch(batches, t, t.iter_num * grad_accum + micro, rate, env)
-            clock.got(x)
-            sync = nullcontext() if (not env.ddp or micro == grad_accum - 1) else t.model.no_sync()
-            with sync:
-                with env.autocast:
-                    logits, loss, total = step_loss(t.model, x, targets)
-                aux, z = t.raw_model.aux_losses()                  # MoE: load balancing and router z-loss
-                total = total + aux_loss_weight * aux + z_loss_weight * z
-                t.scaler.scale(total / grad_accum).backward()
+    with tqdm(total=max_iters, initial=t.iter_num, disable=not env.master, desc=f'fold {run.k}', leave=False) as bar:
+        while t.iter_num < max_iters:
+            lr = lr_at(t.iter_num)
+            for group in t.optim.param_groups:
+                group['lr'] = lr
+            torch.manual_seed(seed + t.iter_num * env.world_size + env.rank)     # dropout: the same on resume
+            rate = dynamic_mask_rate(t.mask_acc_ema, mask_prob_min, mask_prob_max) if dynamic_masking() else mask_prob
+            hits = []                                                  # dynamic: the step's masked-bin accuracy
+            for micro in range(grad_accum):
+                clock.waiting()
+                x, targets = next_batch(batches, t, t.iter_num * grad_accum + micro, rate, env)
+                clock.got(x)
+                sync = nullcontext() if (not env.ddp or micro == grad_accum - 1) else t.model.no_sync()
+                with sync:
+                    with env.autocast:
+                        logits, loss, total = step_loss(t.model, x, targets)
+                    aux, z = t.raw_model.aux_losses()                  # MoE: load balancing and router z-loss
+                    total = total + aux_loss_weight * aux + z_loss_weight * z
+                    t.scaler.scale(total / grad_accum).backward()
+                if dynamic_masking():
+                    hits.append(masked_hits(logits, targets))
+                clock.computed(cells=len(x['genes'] if isinstance(x, dict) else x) * env.world_size)
             if dynamic_masking():
-                hits.append(masked_hits(logits, targets))
-            clock.computed(cells=len(x['genes'] if isinstance(x, dict) else x) * env.world_size)
-        if dynamic_masking():
-            update_mask_rate(t, hits, env)
-        optimizer_step(t, env)
-        clock.computed()
-        pbar.update(1)
-        if t.iter_num % log_interval == 0 or t.iter_num == max_iters - 1:
-            log_step(t, global_mean(loss, env), lr, rate, aux, clock, env)
-        if t.iter_num % eval_interval == 0 or t.iter_num == max_iters - 1:
-            validate(run, t, env, teacher)
-            clock.t0 = time.time()                                 # leave evaluation out of the cells/s figure
-        if stop_iter and t.iter_num == stop_iter:
-            env.log(f'stopping after iteration {t.iter_num} (stop_iter); continue with --init_from=resume')
-            pbar.close()
-            return False
-        t.iter_num += 1
-    pbar.close()
-    return True
+                update_mask_rate(t, hits, env)
+            optimizer_step(t, env)
+            clock.computed()
+            bar.update(1)
+            if t.iter_num % log_interval == 0 or t.iter_num == max_iters - 1:
+                log_step(t, global_mean(loss, env), lr, rate, aux, clock, env)
+            if t.iter_num % eval_interval == 0 or t.iter_num == max_iters - 1:
+                validate(run, t, env, teacher)
+                clock.t0 = time.time()                                 # leave evaluation out of the cells/s figure
+            if stop_iter and t.iter_num == stop_iter:
+                env.log(f'stopping after iteration {t.iter_num} (stop_iter); continue with --init_from=resume')
+                return False
+            t.iter_num += 1
+        return True
 
 
 def next_batch(batches, t, step, rate, env):
@@ -826,8 +831,27 @@ def validate(run, t, env, teacher=None):
 
 
 def save(path, obj):
+    """torch.save, atomically: a failed write (a full disk) leaves the previous file and no temporary, and is a
+    one-line error that says how much space it needed."""
     with atomic_write(path) as tmp:
-        torch.save(obj, tmp)
+        try:
+            torch.save(obj, tmp)
+        except RuntimeError as e:     # torch's zip writer reports a failed write as a RuntimeError, not an OSError
+            needed = sum(v.numel() * v.element_size() for v in tensors_in(obj))
+            raise UserError(write_failure(path, OSError(None, f'torch.save failed ({str(e).splitlines()[0][:80]})'),
+                                          needed)) from None
+
+
+def tensors_in(obj):
+    """Every tensor in a checkpoint's nested dicts and lists."""
+    if torch.is_tensor(obj):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from tensors_in(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from tensors_in(v)
 
 
 def checkpoint(run, t, env, done=False):
