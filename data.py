@@ -414,8 +414,14 @@ class ProcessedH5AD:
     def summary(self):
         what = {'counts': 'counts', 'lognorm': 'log-normalized values (as they are, assumed ln(1+x) and converted to '
                 f'log base {self.log_base:g})'}[self.kind]
-        merged = 'summed' if self.kind == 'counts' else 'dropped (first kept)'
-        dup = f"; {self.n_duplicated} duplicated gene symbols {merged}"
+        merged = ('summed into one gene each (' if self.kind == 'counts'
+                  else 'dropped, the first column of each kept (log values cannot be summed; ')
+        seen, repeated = set(), []
+        for g in self.genes.tolist():
+            if g and g in seen and g not in repeated:
+                repeated.append(g)
+            seen.add(g)
+        dup = f"; {self.n_duplicated} duplicated gene symbols {merged}e.g. {', '.join(repeated[:3])})"
         return (f"{self.path}: {self.n_cells} cells x {len(self.genes)} genes, using {what} from {self.matrix}; "
                 f"genes: matched {self.n_matched} / vocab {len(self.vocab)} / data {self.n_data_genes}"
                 f"{dup if self.n_duplicated else ''}")
@@ -1531,9 +1537,10 @@ def dataset_vocab(paths, vocab, n_top_genes, layer, gene_key, log_base, min_gene
 
 def category_codes(columns, kept):
     """Per-file object arrays of str/None (or None: no such column) and kept masks -> (int64 codes of the kept
-    cells, -1 = missing; names sorted for determinism)."""
+    cells, -1 = missing; names sorted for determinism). An empty (or blank) name is missing too, as NaN is: it is
+    not a class of its own."""
     cells = np.concatenate([c[k] if c is not None else np.full(k.sum(), None, object) for c, k in zip(columns, kept)])
-    names = sorted({v for v in cells.tolist() if v is not None})
+    names = sorted({v for v in cells.tolist() if v is not None and v.strip()})
     lookup = {v: i for i, v in enumerate(names)}
     return np.array([lookup.get(v, -1) for v in cells.tolist()], dtype=np.int64), names
 
@@ -1548,6 +1555,41 @@ def stratified_folds(labels, labelled, n_folds, seed):
     order = order[np.argsort(labels[order], kind='stable')]
     folds[order] = np.arange(len(order)) % n_folds
     return folds
+
+
+def check_fold_sizes(labels, label_key, n_folds, min_genes, n_dropped):
+    """UserError unless every fold gets a cell: stratified_folds deals the eligible cells (the labelled ones, or every
+    cell without label_key) over the folds one by one, class after class, so that needs n_folds of them in all (a
+    class with fewer cells than folds is just absent from some folds)."""
+    n = int((labels >= 0).sum()) if label_key else len(labels)
+    if n >= n_folds:
+        return
+    if label_key and n == 0:
+        raise UserError(f"no cell left after QC has a label in obs '{label_key}' (every one is missing or empty): set "
+                        f"--label_key= to prepare unlabelled (pretraining) data, or another --label_key")
+    what = f"{n} labelled cells" if label_key else f"{n} cells"
+    n_missing = len(labels) - n if label_key else 0
+    why = [f"{n_missing} more with a missing label"] * bool(n_missing)
+    why += [f"{n_dropped} dropped by QC"] * bool(n_dropped)
+    why = f" ({'; '.join(why)})" if why else ""
+    fix = (f"set --n_folds={n} or fewer, or " if n >= 2 else "") + "give more cells" + (
+        f" (or lower --min_genes={min_genes})" if n_dropped else "")
+    raise UserError(f"only {what} after QC{why} for n_folds={n_folds}: every fold needs at least one; {fix}")
+
+
+def duplicated_ids(ids):
+    """-> (number of ids that repeat an earlier one, up to 3 such ids)."""
+    values, counts = np.unique(np.asarray(ids, dtype=str), return_counts=True)
+    return len(ids) - len(values), values[counts > 1][:3].tolist()
+
+
+def duplicated_ids_warning(ids, where, consequence):
+    """The one 'warning:' line on cell ids that occur more than once (None when they are unique)."""
+    n, examples = duplicated_ids(ids)
+    if n:
+        return (f"warning: {n} cell ids in {where} repeat an earlier one (e.g. {', '.join(examples)}): {consequence}; "
+                f"make them unique (anndata: adata.obs_names_make_unique()) to tell those cells apart")
+    return None
 
 
 def write_kept_cells(f, sources, min_genes):
@@ -1584,13 +1626,14 @@ def write_data_h5(file, sources, label_key, min_genes, n_folds, seed):
             raise UserError(f"no cells left after QC: every cell has fewer than min_genes={min_genes} expressed genes "
                             f"(lower --min_genes, or check --layer)")
         labels, label_names = category_codes([s.labels for s in sources], kept)
+        check_fold_sizes(labels, label_key, n_folds, min_genes, int(sum(s.n_cells for s in sources)) - n_cells)
         batch, batch_names = category_codes([s.batch for s in sources], kept)
         f['indptr'] = np.concatenate([[0], np.cumsum(np.concatenate(row_nnz))]).astype(np.int64)
         f['labels'], f['folds'], f['batch'] = labels, stratified_folds(labels, bool(label_key), n_folds, seed), batch
-        f.create_dataset('cell_ids', data=np.concatenate([s.cell_ids[k] for s, k in zip(sources, kept)]).astype(object),
-                         dtype=h5py.string_dtype('utf-8'))
+        cell_ids = np.concatenate([s.cell_ids[k] for s, k in zip(sources, kept)])
+        f.create_dataset('cell_ids', data=cell_ids.astype(object), dtype=h5py.string_dtype('utf-8'))
         return dict(n_cells=n_cells, nnz=len(f['indices']), labels=labels, label_names=label_names,
-                    batch_names=batch_names, source_info=source_info)
+                    batch_names=batch_names, source_info=source_info, cell_ids=cell_ids)
 
 
 def prepare_dataset(paths, out, label_key='bulk_labels', batch_key='', layer='auto', gene_key='', vocab='',
@@ -1632,6 +1675,13 @@ def prepare_dataset(paths, out, label_key='bulk_labels', batch_key='', layer='au
           + (f"{len(d['label_names'])} labels" if label_key else "no labels")
           + (f" ({n_missing} cells with a missing label: fold -1)" if n_missing else "")
           + (f", {len(d['batch_names'])} batches" if batch_key else "") + f", {n_folds} folds")
+    if label_key and len(d['label_names']) == 1:
+        print(f"warning: every labelled cell is of one cell type ('{d['label_names'][0]}' in obs '{label_key}'): a "
+              f"single cell type cannot be fine-tuned on (train.py --mode=finetune needs 2 or more); the dataset is "
+              f"fine for pretraining")
+    duplicates = duplicated_ids_warning(d['cell_ids'], out, "every cell is kept, by position")
+    if duplicates:
+        print(duplicates)
     return meta
 
 

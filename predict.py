@@ -31,7 +31,8 @@ import h5py
 import numpy as np
 import torch
 
-from data import UserError, atomic_write, load_checkpoint, model_input, process_h5ad, read_gene_list
+from data import (UserError, atomic_write, duplicated_ids_warning, load_checkpoint, model_input, process_h5ad,
+                  read_gene_list)
 import metrics  # metrics.NOVELTY_SCORES (a module global here would read as a setting)
 from metrics import novelty_scores, plot_top_genes
 from model import ScBERT, pool, token_valid
@@ -236,6 +237,9 @@ def annotate(cells, importances):
 # the cells, processed exactly as prepare_data.py does, aligned to the checkpoint's genes
 cells = process_h5ad(input, layer=layer, gene_key=gene_key, log_base=log_base, vocab=genes, min_genes=min_genes)
 print(cells.summary())
+duplicates = duplicated_ids_warning(cells.cell_ids, input, f"{output} still has one row per cell, in file order")
+if duplicates:
+    print(duplicates)
 if cells.n_matched < 0.5 * len(genes):
     print(f'warning: only {cells.n_matched} of the model\'s {len(genes)} genes are in {input}; predictions may be poor')
 importances = Importance() if importance else None

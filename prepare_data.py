@@ -7,7 +7,9 @@ cell to 1e4 counts, takes log1p in base log_base, aligns the genes to the vocab,
 labels, stratified folds, cell ids, batch), vocab.txt and meta.json. With --genome and/or --gene_sets it also
 writes annotation.h5: each gene's chromosome, start and end, and the gene sets (pathways) that hold it; --annotate=<dir>
 (re)writes only that, in a dataset prepared before, without reading any .h5ad. Bad input stops with a one-line error
-and leaves no output behind.
+and leaves no output behind (so do fewer labelled cells than folds). An empty label is missing, as NaN is (fold -1);
+duplicated gene symbols are summed (log-normalized input: the first kept) and counted in the report; a single cell
+type, or duplicated cell ids, are one 'warning:' line each.
 
     python prepare_data.py                                   # the embedded PBMC data -> data/pbmc68k
     python prepare_data.py --input=baron.h5ad --name=baron --label_key=cell_type --batch_key=donor
