@@ -273,6 +273,7 @@ class Run:
     val_idx: np.ndarray = None
     test_idx: np.ndarray = None        # None for pretraining (it trains on the test fold too)
     eval_idx: np.ndarray = None        # the validation cells of each evaluation (at most eval_cells)
+    n_runs: int = 1                    # runs in this job (fold='all', holdout='all'), for the expected time
 
 
 def plan_runs(data, env):
@@ -301,6 +302,8 @@ def plan_runs(data, env):
                 leave_out(run)
             split(run)
             runs.append(run)
+    for run in runs:
+        run.n_runs = len(runs)
     return runs
 
 
@@ -611,8 +614,11 @@ def train_loop(run, t, step_loss, env, teacher=None):
             bar.update(1)
             if t.iter_num % log_interval == 0 or t.iter_num == max_iters - 1:
                 log_step(t, global_mean(loss, env), lr, rate, aux, clock, env)
+                clock.expect(run, t.iter_num, env)
             if t.iter_num % eval_interval == 0 or t.iter_num == max_iters - 1:
+                t_eval = time.time()
                 validate(run, t, env, teacher)
+                clock.evals.append(time.time() - t_eval)
                 clock.t0 = time.time()                                 # leave evaluation out of the cells/s figure
             if stop_iter and t.iter_num == stop_iter:
                 env.log(f'stopping after iteration {t.iter_num} (stop_iter); continue with --init_from=resume')
@@ -633,11 +639,23 @@ class Clock:
     """Where a step's time goes: waiting for the batch (data) or forward, backward and the optimizer (compute); and
     the share of padding tokens (expressed input)."""
     def __init__(self, env):
-        self.env = env
+        self.env, self.evals, self.started = env, [], None
         self.reset()
 
     def reset(self):
         self.t0, self.cells, self.data, self.compute, self.padding = time.time(), 0, 0.0, 0.0, []
+
+    def expect(self, run, it, env):
+        """Once, 10 steps into a run: how long it (and the job) should take at this pace, evaluations included."""
+        if self.started is None:
+            self.started, self.first, self.evals = (time.time(), it, [])
+        elif it - self.first == 10:
+            per_step = (time.time() - self.started - sum(self.evals)) / 10
+            n_evals = len(range(self.first, max_iters, eval_interval)) + 1
+            run_min = (per_step * (max_iters - self.first) + np.mean(self.evals or [0]) * n_evals) / 60
+            env.log(f'expected time: about {run_min:.0f} min for this run ({max_iters - self.first} steps, {n_evals} '
+                    f'evaluations)' + (f', {run_min * run.n_runs:.0f} min for its {run.n_runs} runs'
+                                       if run.n_runs > 1 else ''))
 
     def waiting(self):
         self.t_data = time.time()
