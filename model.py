@@ -971,6 +971,15 @@ def calibrate_bitlinear(model, batches):
 # -----------------------------------------------------------------------------
 # 11. Not in the lecture: which genes matter for a cell (predict.py --importance), and loading checkpoints
 
+def model_name(config, distilled=False, quantization=''):
+    """What logs, metrics.json and plots call a model: scBERT (the panel) or scBERT 2.0 (expressed genes), a distilled
+    student, BitNet (bitlinear), a quantized file."""
+    name = 'scBERT 2.0' if config.input_genes == 'expressed' else 'scBERT'
+    name = f'distilled {name}' if distilled else name
+    return name + (' b1.58' if config.bitlinear and not quantization else '') + (f' {quantization}' if quantization
+                                                                                  else '')
+
+
 @torch.no_grad()
 def attention_received(model, x, chunk=0, as_released=False):
     """scBERT's attention sum (attn_sum_save.py): the attention each token receives, averaged over the query tokens,

@@ -32,15 +32,16 @@ import numpy as np
 import torch
 
 from data import (UserError, atomic_write, duplicated_ids_warning, load_checkpoint, model_input, process_h5ad,
-                  read_gene_list)
+                  read_gene_list, read_h5ad)
 import metrics  # metrics.NOVELTY_SCORES (a module global here would read as a setting)
 from metrics import novelty_scores, plot_top_genes
-from model import ScBERT, pool, token_valid
+from model import ScBERT, model_name, pool, token_valid
 
 # -----------------------------------------------------------------------------
 ckpt = 'out/best.pt'           # our checkpoint from train.py, or an original scBERT checkpoint (.pth)
 input = ''                     # the .h5ad file to annotate
-output = 'predictions.csv'     # CSV: cell_id,predicted_label,probability,second_label,second_probability,novelty_score
+output = 'predictions.csv'     # CSV: cell_id,predicted_label,probability,second_label,second_probability,novelty_score,
+                               # top_label,top_probability (Unassigned: no probability; the top class is still there)
 output_h5ad = ''               # also write a copy of the input with the predictions as new obs columns ('' = no)
 embeddings = ''                # also save cell embeddings (n_cells x n_embd, the classifier's pooling) as .npy
                                # ('' = no)
@@ -59,6 +60,8 @@ gene_key = ''                  # var column holding gene symbols ('' = the var i
 min_genes = 200                # cells with fewer expressed genes are flagged as failing QC (still annotated)
 vocab = ''                     # original scBERT only: its gene panel, one symbol per line, in the checkpoint's order
 label_names = ''               # original scBERT only: class names, one per line, in class-index order
+label_key = ''                 # a check: obs column of the input's known cell types; the summary gives the agreement
+                               # with them, with and without the Unassigned rule ('' = none)
 device = 'auto'                # 'auto' | 'cpu' | 'cuda'
 num_threads = 0                # CPU threads (0 = PyTorch's default)
 # -----------------------------------------------------------------------------
@@ -236,6 +239,7 @@ def annotate(cells, importances):
 
 # the cells, processed exactly as prepare_data.py does, aligned to the checkpoint's genes
 cells = process_h5ad(input, layer=layer, gene_key=gene_key, log_base=log_base, vocab=genes, min_genes=min_genes)
+known_labels = read_h5ad(input).obs_column(label_key) if label_key else None      # (a wrong key: stop now)
 print(cells.summary())
 duplicates = duplicated_ids_warning(cells.cell_ids, input, f"{output} still has one row per cell, in file order")
 if duplicates:
@@ -254,6 +258,24 @@ top, second = order[:, 0], order[:, 1] if prob.shape[1] > 1 else order[:, 0]
 top_p, second_p = prob[np.arange(len(prob)), top], prob[np.arange(len(prob)), second]
 names = np.array(classes, dtype=object)
 predicted = np.where(score > threshold, 'Unassigned', names[top])
+withheld = predicted == 'Unassigned'
+probability = np.where(withheld, np.nan, top_p)                # of the predicted label: none for Unassigned
+
+
+def agreement_line(known):
+    """--label_key: how often the calls agree with the known types, with the Unassigned rule (a withheld cell counts
+    as a disagreement), without it (the top class), and on the cells the rule kept."""
+    known = np.array([str(v) if v is not None else '' for v in known], dtype=object)
+    labelled = known != ''
+    if not labelled.any():
+        return f"note: obs '{label_key}' has no labels to check against"
+    agree, agree_top = predicted == known, names[top] == known
+    kept = labelled & ~withheld
+    return (f"agreement with obs '{label_key}' ({int(labelled.sum())} labelled cells): {agree[labelled].mean():.3f} "
+            f"with the Unassigned rule, {agree_top[labelled].mean():.3f} without it; "
+            f"{agree[kept].mean() if kept.any() else float('nan'):.3f} on the {kept.sum() / labelled.sum():.1%} it "
+            f"kept" + (f"; {int((labelled & ~np.isin(known, names)).sum())} cells of types the model does not know"
+                       if (labelled & ~np.isin(known, names)).any() else ''))
 
 
 def csv_field(s):
@@ -264,10 +286,11 @@ def csv_field(s):
 def write_predictions(path):
     with atomic_write(path) as tmp:
         with open(tmp, 'w') as f:
-            f.write('cell_id,predicted_label,probability,second_label,second_probability,novelty_score\n')
-            for row in zip(cells.cell_ids, predicted, top_p, names[second], second_p, score):
-                f.write(f'{csv_field(row[0])},{csv_field(row[1])},{row[2]:.6f},{csv_field(row[3])},{row[4]:.6f},'
-                        f'{row[5]:.6g}\n')
+            f.write('cell_id,predicted_label,probability,second_label,second_probability,novelty_score,top_label,'
+                    'top_probability\n')
+            for row in zip(cells.cell_ids, predicted, probability, names[second], second_p, score, names[top], top_p):
+                f.write(f'{csv_field(row[0])},{csv_field(row[1])},{"" if np.isnan(row[2]) else f"{row[2]:.6f}"},'
+                        f'{csv_field(row[3])},{row[4]:.6f},{row[5]:.6g},{csv_field(row[6])},{row[7]:.6f}\n')
 
 
 def add_obs_columns(path, columns):
@@ -334,7 +357,9 @@ if output_h5ad:
     with atomic_write(output_h5ad) as tmp:
         shutil.copyfile(input, tmp)
         add_obs_columns(tmp, {'scbert_prediction': predicted.astype(object),
-                              'scbert_probability': top_p.astype(np.float32),
+                              'scbert_probability': probability.astype(np.float32),
+                              'scbert_top_label': names[top].astype(object),
+                              'scbert_top_probability': top_p.astype(np.float32),
                               'scbert_second': names[second].astype(object),
                               'scbert_second_probability': second_p.astype(np.float32),
                               'scbert_novelty_score': score.astype(np.float32),
@@ -350,7 +375,11 @@ print(f'annotated {len(prob)} cells in {elapsed:.1f} s ({len(prob) / max(elapsed
 rule_text = {'scbert': f"scBERT's rule: top probability < {unassigned_threshold}", 'off': 'novelty=off'}.get(
     rule, f"{rule} score > {threshold:.4g}, the {stats['quantile'] if stats else 0:.0%} quantile of the validation "
           f"cells")
-print(f'{n_unassigned} Unassigned ({rule_text}); '
+print(f'model: {model_name(model.config, quantization=checkpoint.get("quantization", "") if ours else "")} '
+      f'from {ckpt}')
+print(f'{n_unassigned} Unassigned ({n_unassigned / max(1, len(prob)):.1%} of the cells withheld; {rule_text}); '
       f'{n_fail} cells with fewer than {min_genes} expressed genes (flagged in scbert_qc_pass, still annotated)')
 for name, count in zip(*np.unique(predicted, return_counts=True)):
     print(f'  {count:6d}  {name}')
+if label_key:
+    print(agreement_line(known_labels))

@@ -37,7 +37,7 @@ from data import (Dataset, UserError, atomic_write, cell_seeds, check_writable, 
                   parse_multiscale_weights, prepare_default_dataset, remove_stale_temporaries, write_failure)
 from metrics import (classification_metrics, fit_logistic_regression, format_metrics_line, novelty_report,
                      novelty_rule, novelty_scores, plot_confusion, plot_loss)
-from model import ModelConfig, ScBERT, clean_state_dict
+from model import ModelConfig, ScBERT, clean_state_dict, model_name
 
 # -----------------------------------------------------------------------------
 # 1. The shared settings (configure_settings() lets config files and --key=value override them)
@@ -971,8 +971,8 @@ def finish(run, t, env, teacher=None):
     if not env.master:
         return None
     t.iter_num = max_iters - 1
-    result = {'fold': run.k, 'mode': mode, 'best_iter': t.best['iter'], 'n_train': len(run.train_idx),
-              'n_val': len(run.val_idx)}
+    result = {'fold': run.k, 'mode': mode, 'model': name_of(t.raw_model), 'best_iter': t.best['iter'],
+              'n_train': len(run.train_idx), 'n_val': len(run.val_idx)}
     if mode == 'finetune':
         score_test_fold(run, t, env, teacher, result)
     else:
@@ -997,6 +997,11 @@ def log_run(run, t, env):
             + ('' if run.data.preloaded else f'; streaming {dataset} from disk'))
 
 
+def name_of(model):
+    """The model's name in logs, metrics.json and plots: scBERT, scBERT 2.0, a distilled student, b1.58 (BitNet)."""
+    return model_name(model.config, distilled='teacher' in config)
+
+
 def already_finished(run, env):
     """A resumed run that had already finished: its metrics."""
     env.log(f'fold {run.k}: already finished in {run.dir}')
@@ -1011,12 +1016,12 @@ def score_test_fold(run, t, env, teacher, result):
     test = evaluate(best_model, run, run.test_idx, env, teacher)
     prob = test.pop('prob')
     result.update(n_test=len(run.test_idx), val=best_ckpt['val'], test=test)
-    env.log(f'fold {run.k} test  scBERT               {format_metrics_line(test)}  (best val iter {t.best["iter"]})'
+    env.log(f'fold {run.k} test  {result["model"]:20s} {format_metrics_line(test)}  (best val iter {t.best["iter"]})'
             + (f', agrees with the teacher on {test["teacher_agreement"]:.1%}' if teacher is not None else ''))
     if 'expert_load' in test:
         env.log(f'fold {run.k} test  {describe_load(test["expert_load"])}')
     plot_confusion(test['confusion'], run.label_names, os.path.join(run.dir, 'confusion.png'),
-                   title=f'scBERT, test fold {run.k}: {format_metrics_line(test)}')
+                   title=f'{result["model"]}, test fold {run.k}: {format_metrics_line(test)}')
     np.save(os.path.join(run.dir, 'test_prob.npy'), prob)
     if baseline:
         result['baseline'] = logistic_regression(run)
@@ -1096,7 +1101,7 @@ def summarize(results, env):
                                 for m in ('accuracy', 'macro_f1')}
         write_json(os.path.join(out_dir, 'metrics.json'), {'n_folds': len(results), 'summary': summary,
                                                            'folds': results})
-        for who, label in (('test', 'scBERT'), ('baseline', 'logistic regression')):
+        for who, label in (('test', results[0].get('model', 'scBERT')), ('baseline', 'logistic regression')):
             if who in summary:
                 s = summary[who]
                 env.log(f'{len(results)}-fold CV  {label:20s} accuracy {s["accuracy"]["mean"]:.3f} ± '

@@ -100,6 +100,8 @@ def test_distillation_raises_agreement_with_the_teacher(baron, teacher, tmp_path
                  '--batch_size=8', '--baseline=False', '--student_n_embd=8', '--max_iters=60', '--eval_interval=10',
                  '--learning_rate=1e-2', '--warmup_iters=2', '--alpha_mlm=0')
     assert 'distilling' in result.stdout and 'agrees with the teacher' in result.stdout
+    assert 'test  distilled scBERT 2.0 ' in result.stdout                 # the log names the model
+    assert json.loads((out / 'metrics.json').read_text())['model'] == 'distilled scBERT 2.0'
     ckpt = state(out / 'ckpt.pt')
     agreement = ckpt['history']['val_teacher_agreement']
     assert len(agreement) == 7 and agreement[-1] >= 0.6 and agreement[-1] >= agreement[0] + 0.3   # 16 cells

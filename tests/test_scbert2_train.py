@@ -30,6 +30,7 @@ def test_finetune_expressed_moe_writes_outputs_and_predicts(baron, tmp_path):
     result = run('train.py', f'--dataset={baron}', f'--out_dir={out}', *SMALL, *V2, '--max_genes=64', '--max_iters=20',
                  '--eval_interval=10', '--log_interval=5', '--learning_rate=3e-3', '--warmup_iters=2')
     assert 'expert load' in result.stdout and re.search(r'aux \d\.\d+', result.stdout)
+    assert 'test  scBERT 2.0 ' in result.stdout and 'expected time: about' in result.stdout   # named by its input
     for name in ('best.pt', 'ckpt.pt', 'metrics.json', 'loss.png', 'confusion.png', 'vocab.txt'):
         assert (out / name).stat().st_size > 0, name
     metrics = json.loads((out / 'metrics.json').read_text())

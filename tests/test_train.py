@@ -132,7 +132,8 @@ def test_predict_end_to_end(scbert_model, tmp_path):
     assert 'matched 385 / vocab 385 / data 385' in result.stdout
     rows = list(csv.reader(open(tmp_path / 'p.csv')))
     assert rows[0] == ['cell_id', 'predicted_label', 'probability', 'second_label', 'second_probability',
-                       'novelty_score']
+                       'novelty_score', 'top_label', 'top_probability']
+    assert all(r[1] == r[6] and r[2] == r[7] for r in rows[1:])                # novelty=off: every cell kept
     with h5py.File(source) as f:
         n_cells = f['X/indptr'].shape[0] - 1
     assert len(rows) == n_cells + 1                                          # every cell, none dropped
@@ -146,8 +147,19 @@ def test_predict_end_to_end(scbert_model, tmp_path):
     qc = annotated.obs_column('scbert_qc_pass')
     assert 0 < sum(v in (True, 'True') for v in qc) < n_cells                 # some cells flagged, all still annotated
     # scBERT's novelty rule: a threshold above every probability calls every cell Unassigned
-    run('predict.py', f'--ckpt={out / "best.pt"}', f'--input={source}', f'--output={tmp_path / "u.csv"}',
-        '--novelty=scbert', '--unassigned_threshold=1.01')
+    result = run('predict.py', f'--ckpt={out / "best.pt"}', f'--input={source}', f'--output={tmp_path / "u.csv"}',
+                 f'--output_h5ad={tmp_path / "u.h5ad"}', '--novelty=scbert', '--unassigned_threshold=1.01',
+                 '--label_key=cell_type')
+    withheld = list(csv.reader(open(tmp_path / 'u.csv')))[1:]
+    assert all(r[1] == 'Unassigned' and r[2] == '' for r in withheld)          # no probability for an unnamed class
+    assert [(r[6], r[7]) for r in withheld] == [(r[1], r[2]) for r in rows[1:]]   # the withheld class, still there
+    assert f'{n_cells} Unassigned (100.0% of the cells withheld' in result.stdout
+    assert re.search(rf"agreement with obs 'cell_type' \(\d+ labelled cells\): 0\.000 with the Unassigned "
+                     r"rule, [01]\.\d{3} without it", result.stdout), result.stdout
+    assert 'model: scBERT from' in result.stdout
+    annotated = data.read_h5ad(tmp_path / 'u.h5ad')
+    assert list(annotated.obs_column('scbert_top_label')) == [r[1] for r in rows[1:]]
+    assert np.isnan(np.asarray(annotated.obs_column('scbert_probability'), dtype=float)).all()
     assert {r[1] for r in list(csv.reader(open(tmp_path / 'u.csv')))[1:]} == {'Unassigned'}
 
 
@@ -259,7 +271,8 @@ def test_original_scbert_checkpoint_predicts_and_finetunes(tmp_path):
     assert [r[0] for r in rows] == ['cell0', 'cell1', 'cell2']
     prob = io['finetune_prob_single']
     for row, p in zip(rows, prob):
-        assert abs(float(row[2]) - p.max().item()) < 1e-5 and row[1] == 'Unassigned'   # all below 0.5 in the reference
+        assert row[1] == 'Unassigned' and row[2] == ''                # all below 0.5 in the reference: withheld,
+        assert row[6] == 'ABCDE'[p.argmax()] and abs(float(row[7]) - p.max().item()) < 1e-5   # the top class kept
         assert row[3] == 'ABCDE'[p.argsort(descending=True)[1]]
     # without the panel and label files, the original checkpoint is refused with a hint
     user_error(run('predict.py', f'--ckpt={ref / "finetune_state_dict.pt"}', f'--input={tmp_path / "cells.h5ad"}',
@@ -330,7 +343,7 @@ def test_readme_quick_start(tmp_path):
     # the second command, scBERT 2.0 on the same data, shortened
     result = run(repo / 'train.py', 'config/scbert2_small.py', '--max_iters=3', '--eval_interval=2', '--batch_size=8',
                  '--out_dir=out2', '--num_threads=1', cwd=repo)
-    assert re.search(r'fold 0 test +scBERT +acc \d\.\d+ +macro-F1 \d\.\d+', result.stdout), result.stdout[-2000:]
+    assert re.search(r'fold 0 test +scBERT 2\.0 +acc \d\.\d+ +macro-F1 \d\.\d+', result.stdout), result.stdout[-2000:]
     assert torch.load(repo / 'out2' / 'best.pt', weights_only=True)['model_args']['input_genes'] == 'expressed'
 
 
