@@ -125,7 +125,7 @@ def load_checkpoint(path, setting='ckpt'):
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
-        if 'Weights only load failed' in str(e):              # torch's refusal of a pickled object: not corruption
+        if re.search(r'Unsupported global|not an allowed global', str(e)):   # a pickled object, not corruption
             raise UserError(f"checkpoint {path} holds Python objects besides tensors, and is refused for safety "
                             f"(unpickling them could run code). If you trust its source, load it once with "
                             f"torch.load(path, weights_only=False) and torch.save its state dict (tensors, numbers, "
