@@ -179,7 +179,7 @@ def test_help_and_bad_settings(tmp_path):
     bad.write_bytes(b'not a checkpoint')
     for args, expected in ((['--variants=scbert,nope'], "'nope'"), (['--variants=scbert+fast'], "'+fast'"),
                            (['--variants=int8'], 'scbert+int8'), (['--variants=scbert+int8+bf16'], 'fp32'),
-                           (['--variants=missing/ckpt.pt'], 'not found'), ([f'--variants={bad}'], 'corrupt or not a PyTorch checkpoint'),
+                           (['--variants=missing/ckpt.pt'], 'not found'), ([f'--variants={bad}'], 'corrupt'),
                            (['--variants=scbert,scbert'], 'once'), (['--batch_sizes=1,x'], 'batch_sizes'),
                            (['--dataset=nowhere'], 'prepared dataset'), (['--device=gpu'], "'gpu'"),
                            (['--n_layer=-1'], 'n_layer'), (['--n_classes=-1'], 'n_classes'),
