@@ -154,7 +154,7 @@ def test_predict_end_to_end(scbert_model, tmp_path):
     assert all(r[1] == 'Unassigned' and r[2] == '' for r in withheld)          # no probability for an unnamed class
     assert [(r[6], r[7]) for r in withheld] == [(r[1], r[2]) for r in rows[1:]]   # the withheld class, still there
     assert f'{n_cells} Unassigned (100.0% of the cells withheld' in result.stdout
-    assert re.search(rf"agreement with obs 'cell_type' \(\d+ labelled cells\): 0\.000 with the Unassigned "
+    assert re.search(r"agreement with obs 'cell_type' \(\d+ labelled cells\): 0\.000 with the Unassigned "
                      r"rule, [01]\.\d{3} without it", result.stdout), result.stdout
     assert 'model: scBERT from' in result.stdout
     annotated = data.read_h5ad(tmp_path / 'u.h5ad')
