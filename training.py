@@ -15,10 +15,12 @@ The training machinery that train.py and distill.py share, in the order a run us
 A script reads top to bottom: its settings, configure_settings(), checks, setup(), the data, then for each run:
 build the model, start(), train_loop(), finish(); then summarize().
 """
+import errno
 import json
 import math
 import os
 import re
+import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -856,8 +858,10 @@ def save(path, obj):
             torch.save(obj, tmp)
         except RuntimeError as e:     # torch's zip writer reports a failed write as a RuntimeError, not an OSError
             needed = sum(v.numel() * v.element_size() for v in tensors_in(obj))
-            raise UserError(write_failure(path, OSError(None, f'torch.save failed ({str(e).splitlines()[0][:80]})'),
-                                          needed)) from None
+            full = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free < 2 * needed + 2 ** 20
+            error = OSError(errno.ENOSPC, 'No space') if full else \
+                OSError(None, f'torch.save failed ({str(e).splitlines()[0][:80]})')
+            raise UserError(write_failure(path, error, needed)) from None
 
 
 def tensors_in(obj):

@@ -4,6 +4,7 @@ traceback, and nothing is left half-written."""
 import errno
 import os
 import re
+import shutil
 import tempfile
 
 import numpy as np
@@ -58,6 +59,13 @@ def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(baron, tmp_path,
                        r'about [0-9.]+ MiB needed; free some space')
     assert state(out / 'ckpt.pt')['iter_num'] == 0            # the one before: intact
     assert not [p for p in os.listdir(out) if '.tmp-' in p]   # no temporary left
+    # the same failure with the disk really nearly full says so
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, 'disk_usage', lambda path: usage._replace(free=1000))
+    calls.clear()
+    user_error(tiny_run(baron, tmp_path / 'nearly_full', '--max_iters=6', '--eval_interval=2', check=False),
+               r'cannot write .*\.pt: the disk is full; 0 MiB free on its disk, about [0-9.]+ MiB needed')
+    monkeypatch.setattr(shutil, 'disk_usage', lambda path: usage)
     # an OSError from the file system (ENOSPC) says the disk is full
     monkeypatch.setattr(torch, 'save', lambda *a, **k: (_ for _ in ()).throw(OSError(errno.ENOSPC, 'No space')))
     user_error(tiny_run(baron, tmp_path / 'full', '--max_iters=2', check=False), r'best\.pt: the disk is full')
