@@ -648,16 +648,18 @@ class Clock:
         self.t0, self.cells, self.data, self.compute, self.padding = time.time(), 0, 0.0, 0.0, []
 
     def expect(self, run, it, env):
-        """Once, 10 steps into a run: how long it (and the job) should take at this pace, evaluations included."""
+        """Once, at the first log line 10 or more steps into a run: how long it (and the job) should take at this
+        pace, evaluations included."""
         if self.started is None:
-            self.started, self.first, self.evals = (time.time(), it, [])
-        elif it - self.first == 10:
-            per_step = (time.time() - self.started - sum(self.evals)) / 10
+            self.started, self.first, self.evals = time.time(), it, []
+        elif self.started and it - self.first >= 10:
+            per_step = (time.time() - self.started - sum(self.evals)) / (it - self.first)
             n_evals = len(range(self.first, max_iters, eval_interval)) + 1
             run_min = (per_step * (max_iters - self.first) + np.mean(self.evals or [0]) * n_evals) / 60
             env.log(f'expected time: about {run_min:.0f} min for this run ({max_iters - self.first} steps, {n_evals} '
                     f'evaluations)' + (f', {run_min * run.n_runs:.0f} min for its {run.n_runs} runs'
                                        if run.n_runs > 1 else ''))
+            self.started = 0.0                                     # said once
 
     def waiting(self):
         self.t_data = time.time()

@@ -385,3 +385,10 @@ def test_grad_accum_matches_a_bigger_batch(baron, tmp_path):
     for k in big['model']:
         if k != 'calls_since_redraw':
             assert torch.allclose(big['model'][k], acc['model'][k], atol=1e-5), k
+
+
+def test_expected_time_is_said_once_whatever_the_log_interval(baron, tmp_path):
+    result = run('train.py', f'--dataset={baron}', *TINY, f'--out_dir={tmp_path}', '--max_iters=20',
+                 '--log_interval=4', '--eval_interval=8', '--baseline=False')
+    assert result.stdout.count('expected time: about') == 1, result.stdout
+    assert 'this run (20 steps, 4 evaluations)' in result.stdout
