@@ -266,8 +266,9 @@ def distillation_loss(model, teacher_model, projection, x, targets, class_weight
     DistilBERT's), on the cell-type logits when fine-tuning. Each term is scaled by its DDP share (per masked gene,
     per cell or per token). -> (the student's logits, its own loss (weighted, for the log), the total)."""
     finetune = training.mode == 'finetune'
-    logits, own, hidden = model(x, targets, class_weight=class_weight, mlm_weight=training.mlm_weight,
-                                regression_weight=training.regression_weight, return_hidden=True)
+    logits, own, hidden = model(x, targets, class_weight=class_weight, label_smoothing=training.label_smoothing,
+                                mlm_weight=training.mlm_weight, regression_weight=training.regression_weight,
+                                return_hidden=True)
     with torch.no_grad():
         t_logits, _, t_hidden = teacher_model(x, task='classify' if finetune else 'mlm', return_hidden=True)
     hidden = hidden if projection is None else projection(hidden)

@@ -553,19 +553,21 @@ class ScBERT(nn.Module):
         return self.ln_f(h)
 
     def forward(self, x, targets=None, task=None, class_weight=None, mlm_weight=1.0, regression_weight=1.0,
-                return_hidden=False):
+                return_hidden=False, label_smoothing=0.0):
         """task 'mlm': scBERT's tokens give logits (B, L, n_bins + 2), targets (B, L) with -100 where not masked.
         Expressed input gives {'bins': (B, T, n_bins + 2) logits, 'values': (B, T) predicted values}, and targets is
         {'bins': (B, T), -100 where not masked, 'values': (B, T)}: the loss is mlm_weight * cross-entropy over the
         masked bins + regression_weight * MSE over the masked values.
-        task 'classify' (the default when there is a classifier): logits (B, n_classes), targets (B,).
+        task 'classify' (the default when there is a classifier): logits (B, n_classes), targets (B,); the loss is
+        cross-entropy, weighted by class_weight (n_classes,) and with label_smoothing (Szegedy et al. 2016) if given.
         Returns (logits, loss); loss is None without targets. MoE auxiliary losses are not included (see aux_losses).
         return_hidden=True also returns the encoder's hidden states (B, L, n_embd), for distillation."""
         task = task or ('classify' if self.cls_head is not None else 'mlm')
         h = hidden = self.encode(x)                                       # (B, L, C)
         if task == 'classify':
             logits = self.cls_head(h, x)
-            loss = None if targets is None else F.cross_entropy(logits, targets, weight=class_weight)
+            loss = None if targets is None else F.cross_entropy(logits, targets, weight=class_weight,
+                                                                label_smoothing=label_smoothing)
         elif not isinstance(x, dict):
             logits = self.lm_head(h)
             loss = None if targets is None else F.cross_entropy(logits.flatten(0, 1), targets.flatten(),

@@ -106,8 +106,8 @@ def train_run(run, env):
 
     def step_loss(model, x, targets):
         """The task's loss: cross-entropy to the cell types, or the masked bins (+ values) when pretraining."""
-        logits, loss = model(x, targets, class_weight=class_weight, mlm_weight=training.mlm_weight,
-                             regression_weight=training.regression_weight)
+        logits, loss = model(x, targets, class_weight=class_weight, label_smoothing=training.label_smoothing,
+                             mlm_weight=training.mlm_weight, regression_weight=training.regression_weight)
         # DDP: a mean over the global batch, not a mean of the ranks' means (their masked counts differ)
         loss = loss * training.loss_share(targets, class_weight, env)
         return logits, loss, loss

@@ -61,7 +61,12 @@ resume_changes = ''            # resume: settings that may differ from the check
 # training
 batch_size = 16                # cells per step per process (global batch = batch_size * processes * grad_accum)
 grad_accum = 1                 # micro-batches per optimizer step
-max_iters = 400                # optimizer steps
+max_iters = 5000               # optimizer steps at most: the cap on the budget that `epochs` sets
+epochs = 20.0                  # the budget: this many passes over the run's training cells, i.e. min(max_iters,
+                               # epochs x cells / global batch) steps (the schedule decays over them); 0 = max_iters
+patience = 10                  # early stopping: stop when validation (macro-F1; pretraining: loss) has not improved
+                               # for this many evaluations in a row (0 = train the whole budget); 5 stopped Baron runs
+                               # that improved later (results/README.md, "Fine-tuning to convergence")
 optimizer = 'adamw'            # 'adamw' | 'adam' (as scBERT) | 'adafactor' (its lr is relative: try 1e-2)
 learning_rate = 1e-3           # peak learning rate
 min_lr = 1e-5                  # learning rate at the end of the decay
@@ -74,6 +79,11 @@ grad_clip = 1.0                # clip the gradient norm (0 = off)
 finetune_params = 'all'        # what trains: 'all' | 'head' (classifier only) | 'scbert' (the original: head, final
                                # norm, block[-2])
 class_weights = False          # weight the loss by inverse class frequency in the training folds
+class_balance = 0.0            # fine-tuning: draw each training cell with weight n_c^-class_balance (n_c: the training
+                               # cells of its type), so a type is seen in proportion to n_c^(1 - class_balance):
+                               # 0 = as they come, 1 = every type equally often (Kang et al. 2020); 0.5 and 1 did not
+                               # beat 0 on Baron's validation fold (results/README.md, "Fine-tuning to convergence")
+label_smoothing = 0.0          # fine-tuning: cross-entropy to (1 - e) x the cell type + e spread over all types
 bucket = False                 # expressed input: batch cells of similar length together: less padding, and batches
                                # without any need no attention mask, which keeps SDPA's flash kernel usable on GPU
 mlm_weight = 1.0               # expressed pretraining: weight of the masked-bin cross-entropy
@@ -154,6 +164,14 @@ def check_settings():
                  'holdout_min_cells'):
         if globals()[name] < 1:
             raise UserError(f'{name} must be at least 1, not {globals()[name]} (set --{name}=...)')
+    if epochs < 0 or patience < 0:
+        raise UserError(f'epochs ({epochs}) and patience ({patience}) must be 0 (off) or more')
+    if not 0 <= class_balance <= 1 or not 0 <= label_smoothing < 1:
+        raise UserError(f'class_balance ({class_balance}) must be in [0, 1] and label_smoothing ({label_smoothing}) '
+                        f'in [0, 1)')
+    if mode == 'pretrain' and (class_balance or label_smoothing):
+        raise UserError('class_balance and label_smoothing weigh cell types, which pretraining has none of: set them '
+                        'to 0 (or --mode=finetune)')
     if device != 'auto' and 'cuda' in device and not torch.cuda.is_available():
         raise UserError(f"device '{device}' asked for, but CUDA is not available here (set --device=cpu or auto)")
     masking_units(None, masking)                                     # an unknown strategy: stop here
@@ -275,6 +293,8 @@ class Run:
     val_idx: np.ndarray = None
     test_idx: np.ndarray = None        # None for pretraining (it trains on the test fold too)
     eval_idx: np.ndarray = None        # the validation cells of each evaluation (at most eval_cells)
+    max_iters: int = 0                 # this run's budget of optimizer steps (budget())
+    weights: np.ndarray = None         # class_balance: each training cell's chance to be drawn (sampling_weights())
     n_runs: int = 1                    # runs in this job (fold='all', holdout='all'), for the expected time
 
 
@@ -302,7 +322,7 @@ def plan_runs(data, env):
                       data.label_names, held_out, units=units)
             if held_out:
                 leave_out(run)
-            split(run)
+            split(run, env)
             runs.append(run)
     for run in runs:
         run.n_runs = len(runs)
@@ -339,7 +359,7 @@ def leave_out(run):
                             f"another type or test on another batch")
 
 
-def split(run):
+def split(run, env):
     """The run's train, validation and test cells (test_batch: test on one batch), and each evaluation's cells."""
     train_idx, val_idx, test_idx = fold_split(run.data, run.k, test_batch)
     if run.held_out:                                               # the known types only
@@ -352,6 +372,24 @@ def split(run):
                         f'fewer --n_folds')
     run.train_idx, run.val_idx, run.test_idx = train_idx, val_idx, test_idx
     run.eval_idx = sample(val_idx, eval_cells) if eval_cells else val_idx
+    run.max_iters = budget(len(train_idx), env)
+    run.weights = sampling_weights(run.labels[train_idx]) if mode == 'finetune' and class_balance else None
+
+
+def budget(n_train, env):
+    """A run's optimizer steps: `epochs` passes over its n_train training cells, at most max_iters (all of them
+    when epochs is 0). A 700-cell and a 20,000-cell dataset both train enough; early stopping may end it sooner."""
+    if not epochs:
+        return max_iters
+    return max(1, min(max_iters, math.ceil(epochs * n_train / (batch_size * grad_accum * env.world_size))))
+
+
+def sampling_weights(labels):
+    """class_balance = a: each training cell's probability of being drawn, proportional to n_c^-a for its type c
+    (n_c cells), so type c is drawn in proportion to n_c^(1 - a). (n_train,) float64, summing to 1."""
+    counts = np.bincount(labels)
+    weights = counts[labels].astype(np.float64) ** -class_balance
+    return weights / weights.sum()
 
 
 def sample(idx, n):
@@ -374,7 +412,10 @@ def batch_indices(run, step, cfg, env):
     per_epoch = max(1, len(run.train_idx) // global_batch)
     epoch, pos = divmod(step, per_epoch)
     rng = np.random.default_rng([seed, epoch])
-    perm = rng.permutation(run.train_idx)
+    if run.weights is None:
+        perm = rng.permutation(run.train_idx)
+    else:                                    # class_balance: an epoch's worth of cells, drawn with those weights
+        perm = rng.choice(run.train_idx, size=len(run.train_idx), p=run.weights)
     if len(perm) < global_batch:                                   # tiny datasets: wrap around
         perm = np.resize(perm, global_batch)
     if bucket and cfg.input_genes == 'expressed':
@@ -437,7 +478,7 @@ class Batches(torch.utils.data.Dataset):
         self.run, self.cfg, self.env = run, cfg, env
 
     def __len__(self):
-        return max_iters * grad_accum
+        return self.run.max_iters * grad_accum
 
     def __getitem__(self, step):            # dynamic masking: unmasked, with the cells (masked by the training loop)
         idx = batch_indices(self.run, step, self.cfg, self.env)
@@ -447,7 +488,7 @@ class Batches(torch.utils.data.Dataset):
 def batches_from(run, cfg, first_step, env):
     """The batches from micro-step first_step on: built in num_workers background processes, or here when 0."""
     loader = torch.utils.data.DataLoader(Batches(run, cfg, env), batch_size=None,
-                                         sampler=range(first_step, max_iters * grad_accum),
+                                         sampler=range(first_step, run.max_iters * grad_accum),
                                          num_workers=num_workers, pin_memory=env.device_type == 'cuda',
                                          prefetch_factor=4 if num_workers else None,
                                          worker_init_fn=partial(apply_settings, config) if num_workers else None)
@@ -483,13 +524,13 @@ def set_trainable(model, env):
         module.requires_grad_(True)
 
 
-def lr_at(it):
-    """Linear warm-up, then linear or cosine decay to min_lr (or constant)."""
+def lr_at(it, total):
+    """Linear warm-up, then linear or cosine decay to min_lr (or constant) at the run's last step, `total`."""
     if it < warmup_iters:
         return learning_rate * (it + 1) / (warmup_iters + 1)
     if lr_schedule == 'constant':
         return learning_rate
-    progress = min(1.0, (it - warmup_iters) / max(1, max_iters - warmup_iters))
+    progress = min(1.0, (it - warmup_iters) / max(1, total - warmup_iters))
     coeff = 1.0 - progress if lr_schedule == 'linear' else 0.5 * (1.0 + math.cos(math.pi * progress))
     return min_lr + coeff * (learning_rate - min_lr)
 
@@ -545,6 +586,7 @@ class Training:
     iter_num: int = 0
     best: dict = field(default_factory=lambda: {'macro_f1': -1.0, 'loss': float('inf'), 'iter': -1})
     history: dict = field(default_factory=lambda: {'iter': [], 'train_loss': []})
+    stopped: str = ''                  # why the loop stopped: early stopping or the budget
     mask_acc_ema: float = 0.0          # dynamic masking: EMA of the training steps' masked-bin accuracy (sets the rate)
     done: bool = False                 # resumed a finished run
 
@@ -587,9 +629,11 @@ def train_loop(run, t, step_loss, env, teacher=None):
     t.model.train()
     t.raw_model.expert_load(reset=True)
     clock = Clock(env)
-    with tqdm(total=max_iters, initial=t.iter_num, disable=not env.master, desc=f'fold {run.k}', leave=False) as bar:
-        while t.iter_num < max_iters:
-            lr = lr_at(t.iter_num)
+    last = run.max_iters - 1
+    with tqdm(total=run.max_iters, initial=t.iter_num, disable=not env.master, desc=f'fold {run.k}',
+              leave=False) as bar:
+        while t.iter_num <= last:
+            lr = lr_at(t.iter_num, run.max_iters)
             for group in t.optim.param_groups:
                 group['lr'] = lr
             torch.manual_seed(seed + t.iter_num * env.world_size + env.rank)     # dropout: the same on resume
@@ -614,19 +658,46 @@ def train_loop(run, t, step_loss, env, teacher=None):
             optimizer_step(t, env)
             clock.computed()
             bar.update(1)
-            if t.iter_num % log_interval == 0 or t.iter_num == max_iters - 1:
+            if t.iter_num % log_interval == 0 or t.iter_num == last:
                 log_step(t, global_mean(loss, env), lr, rate, aux, clock, env)
                 clock.expect(run, t.iter_num, env)
-            if t.iter_num % eval_interval == 0 or t.iter_num == max_iters - 1:
+            if t.iter_num % eval_interval == 0 or t.iter_num == last:
                 t_eval = time.time()
                 validate(run, t, env, teacher)
                 clock.evals.append(time.time() - t_eval)
                 clock.t0 = time.time()                                 # leave evaluation out of the cells/s figure
+                if patience_spent(t, env):
+                    break
             if stop_iter and t.iter_num == stop_iter:
                 env.log(f'stopping after iteration {t.iter_num} (stop_iter); continue with --init_from=resume')
                 return False
             t.iter_num += 1
-        return True
+    t.stopped = t.stopped or f'the budget of {run.max_iters} steps ({describe_budget(run, env)}) is spent'
+    env.log(f'fold {run.k}: stopped at iteration {min(t.iter_num, last)}: {t.stopped}')
+    return True
+
+
+def patience_spent(t, env):
+    """Early stopping: True when the last `patience` evaluations have not improved on the best (the history says
+    how many came after it, so a resumed run counts on where it stopped). Rank 0 decides; DDP ranks follow it."""
+    stop = torch.tensor(0, device=env.device)
+    if env.master and patience:
+        since_best = sum(it > t.best['iter'] for it in t.history.get('val_iter', []))
+        if since_best >= patience:
+            stop += 1
+            what = 'macro_f1' if mode == 'finetune' else 'loss'
+            t.stopped = (f"validation {what} has not improved for {patience} evaluations (patience); the best, "
+                         f"{t.best[what]:.4f}, was at iteration {t.best['iter']}")
+    if env.ddp:
+        dist.broadcast(stop, 0)
+    return bool(stop)
+
+
+def describe_budget(run, env):
+    """How the budget was set: epochs of the training cells, or max_iters."""
+    if epochs and run.max_iters < max_iters:
+        return f'{epochs:g} epochs of {len(run.train_idx)} cells, {batch_size * grad_accum * env.world_size} per step'
+    return 'max_iters'
 
 
 def next_batch(batches, t, step, rate, env):
@@ -654,11 +725,11 @@ class Clock:
             self.started, self.first, self.evals = time.time(), it, []
         elif self.started and it - self.first >= 10:
             per_step = (time.time() - self.started - sum(self.evals)) / (it - self.first)
-            n_evals = len(range(self.first, max_iters, eval_interval)) + 1
-            run_min = (per_step * (max_iters - self.first) + np.mean(self.evals or [0]) * n_evals) / 60
-            env.log(f'expected time: about {run_min:.0f} min for this run ({max_iters - self.first} steps, {n_evals} '
-                    f'evaluations)' + (f', {run_min * run.n_runs:.0f} min for its {run.n_runs} runs'
-                                       if run.n_runs > 1 else ''))
+            n_evals = len(range(self.first, run.max_iters, eval_interval)) + 1
+            run_min = (per_step * (run.max_iters - self.first) + np.mean(self.evals or [0]) * n_evals) / 60
+            env.log(f'expected time: about {run_min:.0f} min for this run at most ({run.max_iters - self.first} '
+                    f'steps, {n_evals} evaluations; early stopping may end it sooner)'
+                    + (f', {run_min * run.n_runs:.0f} min for its {run.n_runs} runs' if run.n_runs > 1 else ''))
             self.started = 0.0                                     # said once
 
     def waiting(self):
@@ -942,7 +1013,8 @@ def resume(t, run, ckpt, env):
         best = t.best
         so_far = ('none yet' if best['iter'] < 0 else f"macro-F1 {best['macro_f1']:.4f} at iteration {best['iter']}"
                   if mode == 'finetune' else f"loss {best['loss']:.4f} at iteration {best['iter']}")
-        env.log(f'resumed {path}: iteration {t.iter_num} of {max_iters} is next; best validation so far: {so_far}')
+        env.log(f'resumed {path}: iteration {t.iter_num} of {run.max_iters} is next; best validation so far: '
+                f'{so_far}')
 
 
 def check_changes(ckpt, path, env):
@@ -976,8 +1048,9 @@ def finish(run, t, env, teacher=None):
     into best.pt, write metrics.json and loss.png -> the run's metrics (None on other ranks than 0)."""
     if not env.master:
         return None
-    t.iter_num = max_iters - 1
+    t.iter_num = min(t.iter_num, run.max_iters - 1)
     result = {'fold': run.k, 'mode': mode, 'model': name_of(t.raw_model), 'best_iter': t.best['iter'],
+              'last_iter': t.iter_num, 'budget': run.max_iters, 'stopped': t.stopped,
               'n_train': len(run.train_idx), 'n_val': len(run.val_idx)}
     if mode == 'finetune':
         score_test_fold(run, t, env, teacher, result)

@@ -6,5 +6,4 @@
 dataset = 'data/baron1k'
 out_dir = 'out-baron'
 fold = 'all'
-max_iters = 300
 eval_interval = 100

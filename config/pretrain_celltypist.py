@@ -7,4 +7,5 @@ mode = 'pretrain'
 dataset = 'data/celltypist'
 out_dir = 'out-pretrain'
 max_iters = 600
+epochs = 0                     # the budget is max_iters steps, whatever the corpus's size
 eval_interval = 100

@@ -12,5 +12,6 @@ mode = 'pretrain'
 n_zero_genes = 32              # also learn what an unexpressed gene looks like
 masking = 'random'             # mask the zero genes too, as the README's run did (nonzero never does)
 max_iters = 600
+epochs = 0                     # the budget is max_iters steps, whatever the corpus's size
 eval_interval = 100
 learning_rate = 2e-3

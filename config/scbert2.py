@@ -33,6 +33,7 @@ regression_weight = 1.0
 mask_prob = 0.15
 batch_size = 64                # per GPU: 8 GPUs x 64 = 512 cells per step
 max_iters = 20000
+epochs = 0                     # the budget is max_iters steps, whatever the corpus's size
 warmup_iters = 1000
 eval_interval = 1000
 log_interval = 50

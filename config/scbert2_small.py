@@ -19,7 +19,6 @@ n_expert_active = 2
 head = 'scbert'                # scBERT's head: a number per gene, at its panel position, then an MLP over the panel
 dropout = 0.0
 batch_size = 32
-max_iters = 300
 eval_interval = 50
 learning_rate = 1e-3
 warmup_iters = 40

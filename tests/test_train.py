@@ -391,4 +391,4 @@ def test_expected_time_is_said_once_whatever_the_log_interval(baron, tmp_path):
     result = run('train.py', f'--dataset={baron}', *TINY, f'--out_dir={tmp_path}', '--max_iters=20',
                  '--log_interval=4', '--eval_interval=8', '--baseline=False')
     assert result.stdout.count('expected time: about') == 1, result.stdout
-    assert 'this run (20 steps, 4 evaluations)' in result.stdout
+    assert 'this run at most (20 steps, 4 evaluations; early stopping may end it sooner)' in result.stdout
