@@ -87,7 +87,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from data import (Dataset, UserError, atomic_write, cell_seeds, load_checkpoint, model_input,
                   prepare_default_dataset)
 from lowbit import packed_state_dict, quantize
-from model import ModelConfig, ScBERT, as_bitlinear
+from model import Classifier, ModelConfig, ScBERT, as_bitlinear
 
 # -----------------------------------------------------------------------------
 variants = ('scbert,scbert_exact,scbert2_dense,scbert2_gqa,scbert2_moe,scbert2_small,'    # what to measure (see above)
@@ -153,6 +153,7 @@ VARIANTS = {   # name -> (its architecture, the fields that define the variant: 
     'scbert2': (FLAGSHIP, {}),
     'scbert2_small': (SMALL, {}),
     'scbert_distilled': (SCBERT, dict(attention='performer')),   # + half the blocks: distill.py's default student
+    'performer_pytorch': (SCBERT, dict(attention='performer')),  # the reference implementation, not our model
     'scbert2_distilled': (FLAGSHIP, {}),
 }
 DTYPES = {'fp32': 'float32', 'bf16': 'bfloat16', 'fp16': 'float16'}
@@ -313,13 +314,15 @@ def count_flops(model, mc, x, length):
     counts = counter.get_flop_counts()
     ours = forward_flops_per_cell(mc, [length])
     check = {'counted': int(sum(counts['Global'].values())), 'analytic': sum(ours.values()), 'by_module': {}}
-    for group, (pattern, terms) in FLOP_GROUPS.items():
+    for group, (pattern, terms) in FLOP_GROUPS.items() if isinstance(model, ScBERT) else ():   # the reference: total
         counted = sum(sum(ops.values()) for module, ops in counts.items() if re.fullmatch(pattern, module))
         analytic = sum(ours.get(t, 0) for t in terms)
         if counted or analytic:
             check['by_module'][group] = {'counted': int(counted), 'analytic': analytic}
     check['match'] = all(v['counted'] == v['analytic'] for v in check['by_module'].values()) and \
         check['counted'] == check['analytic']
+    if not isinstance(model, ScBERT):   # the reference computes the same attention in its own order: comparable only
+        check['match'] = abs(check['counted'] / check['analytic'] - 1) < 0.01
     return check
 
 
@@ -332,7 +335,9 @@ def memory_estimate(mc, n_params, batch, training, backend, L=None):
     per_layer = batch * L * (6 * mc.n_embd + 4 * H * mc.dim_head + 2 * mc.ff_mult * mc.n_embd
                              * max(1, mc.n_expert_active if mc.n_expert else 1))
     if mc.attention == 'performer':
-        per_layer += batch * H * L * mc.nb_features * 6   # FAVOR+ features (B, H, L, m): w·x, exp, +eps; q and k
+        # FAVOR+ features (B, H, L, m) of q and k: w·x, exp, +eps, as performer_pytorch makes them (ours makes them
+        # a chunk at a time in inference, so for ours this is on the high side)
+        per_layer += batch * H * L * mc.nb_features * 6
     elif backend == 'MATH' or getattr(mc, 'disentangled', False):
         per_layer += batch * H * L * L * 2                # exact scores and their softmax, (B, H, L, L) each
     if getattr(mc, 'disentangled', False):
@@ -550,18 +555,25 @@ dataset_cells = sample_cells() if not scaling else None
 # the measurements
 
 def timed(fn):
-    """Seconds of each of `repeats` runs of fn, after `warmup` untimed runs (the first one's time is kept too)."""
-    times, first = [], None
+    """Seconds of each of `repeats` runs of fn, after `warmup` untimed runs (the first one's time is kept too), and
+    the minor page faults per timed run: the pages the allocator took fresh from the kernel (on CPU, each costs kernel
+    time, and a model that allocates and frees big temporaries in every layer pays it in every pass)."""
+    times, first, faults = [], None, 0
     for i in range(warmup + repeats):
         sync()
-        t0 = time.perf_counter()
+        faults_before, t0 = minor_faults(), time.perf_counter()
         fn()
         sync()
         if i == 0:
             first = time.perf_counter() - t0
         if i >= warmup:
             times.append(time.perf_counter() - t0)
-    return times, first
+            faults += minor_faults() - faults_before
+    return times, first, faults / repeats
+
+
+def minor_faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def spread(values, scale=1.0):
@@ -616,8 +628,61 @@ def build(spec, cells):
         raise UserError(f"variant {spec['name']} with these settings is not a valid model ({e}); check n_head, "
                         f"n_kv_head ...") from None
     torch.manual_seed(seed)
+    if spec['base'] == 'performer_pytorch':
+        return reference_performer(mc), cells, [REFERENCE_NOTE]
     notes = []
     return quantized(ScBERT(mc), spec, notes), cells, notes
+
+
+# -----------------------------------------------------------------------------
+# the reference: lucidrains' performer-pytorch, the library the original scBERT's Performer was copied from
+
+REFERENCE_NOTE = ("lucidrains' performer-pytorch 1.1.4 (PyPI) at scBERT's size, our classifier head on its encodings; "
+                  "its key stabiliser is a max per cell and head (the original scBERT's: one max over the batch), "
+                  "it scales the features by m^-1/2 and sums phi(k) for the denominator: the same matmuls as ours "
+                  "but a (1, m) one per query, and as many full-size elementwise passes")
+
+
+class ReferenceScBERT(torch.nn.Module):
+    """performer_pytorch.PerformerLM's encoder with our scBERT head: the interface of ScBERT that bench.py uses."""
+    quantization = None
+
+    def __init__(self, encoder, config):
+        super().__init__()
+        self.encoder, self.config, self.cls_head = encoder, config, Classifier(config)
+
+    def forward(self, x, targets=None):                         # x (B, L) bins -> logits (B, n_classes)
+        logits = self.cls_head(self.encoder(x, return_encodings=True), x)
+        return logits, (F.cross_entropy(logits, targets) if targets is not None else None)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    def num_active_params(self, embeddings=True):
+        skip = () if embeddings else ('encoder.token_emb', 'encoder.pos_emb')
+        return sum(p.numel() for name, p in self.named_parameters() if not name.startswith(skip))
+
+    def aux_losses(self):
+        return torch.zeros(()), {}
+
+    def configure_optimizer(self, name, lr, weight_decay):
+        return torch.optim.AdamW(self.parameters(), lr=lr, weight_decay=weight_decay)
+
+
+def reference_performer(mc):
+    """PerformerLM as the original scBERT built it (6 layers of width 200, 10 heads of 64, 266 random features, GELU
+    MLP x4, no local heads), with a learned position embedding for gene2vec's (both a lookup) and no rotary one."""
+    if mc.n_classes == 0:
+        raise UserError('the performer_pytorch variant has a classifier head only: set --n_classes=10 (or more)')
+    try:
+        from performer_pytorch import PerformerLM
+    except ImportError:
+        raise UserError("the performer_pytorch variant needs lucidrains' performer-pytorch: "
+                        "pip install performer-pytorch==1.1.4") from None
+    encoder = PerformerLM(num_tokens=mc.n_bins + 2, max_seq_len=mc.seq_len, dim=mc.n_embd, depth=mc.n_layer,
+                          heads=mc.n_head, dim_head=mc.dim_head, nb_features=mc.nb_features, ff_mult=mc.ff_mult,
+                          rotary_position_emb=False, attn_out_bias=mc.bias)
+    return ReferenceScBERT(encoder, mc)
 
 
 def quantized(model, spec, notes):
@@ -660,12 +725,18 @@ def variant_row(spec, raw_model, cells, notes, batch, max_genes, first_batch):
            'tokens_per_cell': float(np.mean(lengths)),
            'flops_per_cell': {'forward': fwd, 'train': 3 * fwd, 'by_module': flops},
            'model_config': asdict(mc), 'sdpa_backend': backend, 'inference': [], 'train': None, 'notes': notes,
-           'quantization': raw_model.quantization,     # the bytes of its weights as a checkpoint stores them:
-           'weights_mb': sum(t.numel() * t.element_size() for t in packed_state_dict(raw_model).values()) / 2**20}
+           'quantization': raw_model.quantization,     # the bytes of its weights as a checkpoint stores them
+           'weights_mb': weights_mb(raw_model)}
     print(f"\n{spec['name']}: {row['params'] / 1e6:.2f}M parameters ({row['params_active'] / 1e6:.2f}M active per "
           f"token), {row['tokens_per_cell']:.0f} tokens and {fwd / 1e9:.3g} GFLOP per cell forward; {row['cells']}; "
           f"{dt}{', compiled' if spec['compile'] else ''}{', SDPA ' + backend if backend else ''}")
     return row
+
+
+def weights_mb(model):
+    """The megabytes of a model's weights as a checkpoint stores them, each shared tensor once."""
+    unique = {t.data_ptr(): t for t in packed_state_dict(model).values()}
+    return sum(t.numel() * t.element_size() for t in unique.values()) / 2**20
 
 
 def check_flops(row, raw_model, cells, max_genes):
@@ -683,9 +754,10 @@ def check_flops(row, raw_model, cells, max_genes):
     raw_model.eval()
     check = row['flop_check'] = count_flops(raw_model, mc, x1, length)
     ratios = ', '.join(f"{k} x{v['counted'] / v['analytic']:.4f}" for k, v in check['by_module'].items()
-                       if v['analytic'])
+                       if v['analytic']) or f"in all x{check['counted'] / check['analytic']:.4f}"
+    label = ('match' if isinstance(raw_model, ScBERT) else 'within 1%') if check['match'] else 'MISMATCH'
     print(f"  FLOPs of one cell: torch.utils.flop_counter {check['counted'] / 1e9:.4g} G, ours "
-          f"{check['analytic'] / 1e9:.4g} G: {'match' if check['match'] else 'MISMATCH'} ({ratios})")
+          f"{check['analytic'] / 1e9:.4g} G: {label} ({ratios})")
 
 
 def inference_step(model, x, dt):
@@ -724,13 +796,15 @@ def measure(kind, batch, model, raw_model, cells, max_genes, row, spec):
         step = train_step_fn(model, raw_model, x, targets[0], dt)
     gc.collect()
     reset_peak_memory()
-    times, first = timed(step)
+    times, first, faults = timed(step)
     median = statistics.median(times)
     result.update({'time_s': spread(times), 'first_run_s': first, 'cells_per_s': batch / median,
                    'latency_ms_per_cell': spread(times, 1e3 / batch), 'flops_per_s': run_flops * batch / median,
-                   'mfu': None, 'peak_mem_mb': peak_memory_mb(), 'mem_estimate_mb': needed / 2**20})
+                   'mfu': None, 'peak_mem_mb': peak_memory_mb(), 'mem_estimate_mb': needed / 2**20,
+                   'minor_faults_per_pass': faults})
     print(f"  {kind} batch {batch}: {result['cells_per_s']:.3g} cells/s, "
-          f"{result['latency_ms_per_cell']['median']:.3g} ms per cell, {result['flops_per_s'] / 1e9:.3g} GFLOP/s"
+          f"{result['latency_ms_per_cell']['median']:.3g} ms per cell, {result['flops_per_s'] / 1e9:.3g} GFLOP/s, "
+          f"{faults:.3g} minor page faults per pass"
           + (f" (first run {first:.1f} s, with compilation)" if spec['compile'] else ''))
     return result, step
 
@@ -890,43 +964,45 @@ def print_variant_table(results):
 
 def print_runs_table(results):
     """One row per run (inference at each batch size, training)."""
-    print('\n| variant | run | batch | cells/s | ms per cell (min-max) | GFLOP per cell | GFLOP/s | MFU | peak MB |')
-    print('|---|---|---:|---:|---:|---:|---:|---:|---:|')
+    print('\n| variant | run | batch | cells/s | ms per cell (min-max) | GFLOP per cell | GFLOP/s | MFU | peak MB | '
+          'page faults per pass |')
+    print('|---|---|---:|---:|---:|---:|---:|---:|---:|---:|')
     for row in results:
         for kind, r in runs_of(row):
             gflop = r['flops_per_cell'] / 1e9
             if 'skipped' in r:
                 print(f"| {row['variant']} | {kind} | {r['batch_size']} | skipped: too big for memory | | "
-                      f"{gflop:.3g} | | | |")
+                      f"{gflop:.3g} | | | | |")
                 continue
             lat = r['latency_ms_per_cell']
             print(f"| {row['variant']} | {kind} | {r['batch_size']} | {r['cells_per_s']:.3g} | {lat['median']:.3g} "
                   f"({lat['min']:.3g}-{lat['max']:.3g}) | {gflop:.3g} | {r['flops_per_s'] / 1e9:.3g} | "
-                  f"{r['mfu']:.1%} | {r['peak_mem_mb']:.0f} |")
+                  f"{r['mfu']:.1%} | {r['peak_mem_mb']:.0f} | {r.get('minor_faults_per_pass', float('nan')):.3g} |")
 
 
 def print_sweep_table(sweep):
-    print('\n| variant | axis | size | tokens per cell | GFLOP per cell | ms per cell (min-max) | GFLOP/s | MFU |')
-    print('|---|---|---:|---:|---:|---:|---:|---:|')
+    print('\n| variant | axis | size | tokens per cell | GFLOP per cell | ms per cell (min-max) | GFLOP/s | MFU | '
+          'page faults per pass |')
+    print('|---|---|---:|---:|---:|---:|---:|---:|---:|')
     for row in sweep:
         r = row['inference'][0]
         if 'skipped' in r:
             print(f"| {row['variant']} | {row['sweep_axis']} | {row['sweep_size']} | {row['tokens_per_cell']:.0f} | "
-                  f"{r['flops_per_cell'] / 1e9:.3g} | skipped: too big for memory | | |")
+                  f"{r['flops_per_cell'] / 1e9:.3g} | skipped: too big for memory | | | |")
             continue
         lat = r['latency_ms_per_cell']
         print(f"| {row['variant']} | {row['sweep_axis']} | {row['sweep_size']} | {row['tokens_per_cell']:.0f} | "
               f"{r['flops_per_cell'] / 1e9:.3g} | {lat['median']:.4g} ({lat['min']:.4g}-{lat['max']:.4g}) | "
-              f"{r['flops_per_s'] / 1e9:.3g} | {r['mfu']:.1%} |")
+              f"{r['flops_per_s'] / 1e9:.3g} | {r['mfu']:.1%} | {r['minor_faults_per_pass']:.3g} |")
 
 
 def print_notes(rows):
     print('\npeak: ' + '; '.join(f"{dt} {p['flops'] / 1e9:.1f} GFLOP/s ({p['source']})" for dt, p in peaks.items())
           + f". Memory: {mem_kind}. Load average {machine['load_avg_start'][0]:.2f} at start, "
           f"{machine['load_avg_end'][0]:.2f} at end.")
+    for variant, note in dict.fromkeys((row['variant'], note) for row in rows for note in row['notes']):
+        print(f"note: {variant}: {note}")       # once each: the sweep's rows repeat their variant's notes
     for row in rows:
-        for note in row['notes']:
-            print(f"note: {row['variant']}: {note}")
         if row.get('flop_check') and not row['flop_check']['match']:
             print(f"note: {row['variant']}: the analytic FLOPs differ from torch.utils.flop_counter's: "
                   f"{row['flop_check']}")
@@ -992,6 +1068,23 @@ def plot_sweep(sweep, path, title):
     plt.close(fig)
 
 
+def against_reference(rows):
+    """Each FAVOR+ variant of ours ÷ performer_pytorch, inference cells/s at each batch size (at each size of the
+    sweep): row['vs_performer_pytorch'] {batch: ratio}, and a line each. Same cells, same process, same run."""
+    refs = {r.get('sweep_size'): r for r in rows if r['variant'].split('+')[0] == 'performer_pytorch'}
+    for row in rows:
+        ref = refs.get(row.get('sweep_size'))
+        if not ref or row is ref or row['attention'] != 'performer':
+            continue
+        theirs = {r['batch_size']: r['cells_per_s'] for r in ref['inference'] if 'cells_per_s' in r}
+        row['vs_performer_pytorch'] = {r['batch_size']: r['cells_per_s'] / theirs[r['batch_size']]
+                                       for r in row['inference'] if r['batch_size'] in theirs and 'cells_per_s' in r}
+        at = f" at {row['sweep_size']} genes" if 'sweep_size' in row else ''
+        print(f"{row['variant']}{at}: " + ', '.join(f'{v:.2f}x at batch {b}' for b, v in
+                                                     row['vs_performer_pytorch'].items())
+              + f" the inference cells/s of {ref['variant']}")
+
+
 results = run_variants() if not scaling else []
 sweep = run_sweep() if scaling else []
 set_mfu(results + sweep)
@@ -1000,6 +1093,8 @@ if results:
     print_runs_table(results)
 if sweep:
     print_sweep_table(sweep)
+print()
+against_reference(results + sweep)
 print_notes(results + sweep)
 title = f"{device_name}, {machine['threads']} thread(s)"
 if plot and results:

@@ -80,6 +80,7 @@ class ModelConfig:
     head_hidden: int = 128          # the classifier's last hidden width (the original's h_dim)
     seed: int = 0                   # seeds the random-feature draws: every DDP rank and every resume draws the same
     favor_batch_max: bool = False   # True reproduces the original's batch-dependent key stabiliser (see softmax_kernel)
+    favor_chunk: int = 1024         # FAVOR+ makes its feature maps this many tokens at a time (to stay in cache)
     # scBERT 2.0 (the defaults above and below are scBERT's)
     input_genes: str = 'all'        # 'all' (scBERT: every gene of the panel, binned) | 'expressed' (CLS + expressed)
     value_emb: str = 'bins'         # expressed only: 'bins' (scBERT's) | 'quantile' (per cell, scGPT) | 'continuous'
@@ -129,9 +130,10 @@ class ModelConfig:
         if self.input_genes == 'all' and self.head == 'cls':
             raise ValueError("head='cls' needs input_genes='expressed' (scBERT's input has no CLS token) "
                              "(set --head=scbert or pooled, or --input_genes=expressed)")
-        if self.embd_factor < 0 or self.n_pos_buckets < 2:
-            raise ValueError(f'embd_factor must be >= 0 and n_pos_buckets >= 2, not {self.embd_factor} and '
-                             f'{self.n_pos_buckets} (set --embd_factor=... / --n_pos_buckets=...)')
+        if self.embd_factor < 0 or self.n_pos_buckets < 2 or self.favor_chunk < 1:
+            raise ValueError(f'embd_factor must be >= 0, n_pos_buckets >= 2 and favor_chunk >= 1, not '
+                             f'{self.embd_factor}, {self.n_pos_buckets} and {self.favor_chunk} '
+                             f'(set --embd_factor=... / --n_pos_buckets=... / --favor_chunk=...)')
         if self.nb_features == 0:
             self.nb_features = int(self.dim_head * math.log(self.dim_head))
         if self.n_kv_head == 0:
@@ -199,8 +201,17 @@ def orthogonal_random_features(n_rows, dim, generator=None):
     return norms[:, None] * w
 
 
-def softmax_kernel(x, projection, is_query, batch_max=False, eps=1e-4):
-    """Positive random features phi(x) with E[phi(q)·phi(k)] ∝ exp(q·k / sqrt(d)).
+def feature_logits(x, projection, workspace=None):
+    """x (B, H, n, d), projection (m, d) -> w·x' (B, H, n, m) and |x'|²/2 (B, H, n, 1), with x' = x / d^(1/4).
+    workspace: a flat buffer to write w·x' into instead of fresh memory (inference only: autograd forbids it)."""
+    d, m = x.shape[-1], projection.shape[0]
+    out = None if workspace is None else workspace[:x[..., 0].numel() * m].view(*x.shape[:-1], m)
+    return torch.matmul(x, (projection * d ** -0.25).t(), out=out), (0.5 * d ** -0.5) * (x * x).sum(-1, keepdim=True)
+
+
+def softmax_kernel(x, projection, is_query, batch_max=False, eps=1e-4, workspace=None):
+    """Positive random features phi(x) with E[phi(q)·phi(k)] ∝ exp(q·k / sqrt(d)), all tokens at once (the definition;
+    favor_attention computes the same a chunk of tokens at a time).
 
     x (B, H, L, d), projection (m, d) -> (B, H, L, m).
     phi(x) = exp(w·x' - |x'|²/2 - c) + eps, with x' = x / d^(1/4). The paper's m^-1/2 factor is left out: it cancels
@@ -212,28 +223,62 @@ def softmax_kernel(x, projection, is_query, batch_max=False, eps=1e-4):
     each head's eps floor and the logits by ~0.03, too far to load the original's weights faithfully.
     batch_max=True reproduces the original's batched outputs. c is a constant shift, so it carries no gradient.
     """
-    d = x.shape[-1]
-    x_proj = x @ (projection * d ** -0.25).t()                          # (B, H, L, m): w·x'
-    half_sq_norm = (0.5 * d ** -0.5) * (x * x).sum(-1, keepdim=True)    # (B, H, L, 1): |x'|²/2
+    x_proj, half_sq_norm = feature_logits(x, projection, workspace)
     with torch.no_grad():
         if is_query:
             stab = x_proj.amax(-1, keepdim=True)                        # (B, H, L, 1)
         else:                                                           # () or (B, 1, 1, 1)
             stab = x_proj.amax() if batch_max else x_proj.amax((-3, -2, -1), keepdim=True)
-    # in place: the (B, H, L, m) tensor is the biggest in the model (180 MB per layer for one full-size cell), and
-    # autograd allows it, since matmul's backward needs its inputs, not its output, and exp's needs only its output
-    return x_proj.sub_(half_sq_norm + stab).exp_() + eps
+    # in place: autograd allows it, since matmul's backward needs its inputs, not its output, and exp's needs only its
+    # output. eps=0 leaves the floor to the caller (favor_attention adds it as a rank-one term)
+    phi = x_proj.sub_(half_sq_norm + stab).exp_()
+    return phi + eps if eps else phi
 
 
-def favor_attention(q, k, v, projection, batch_max=False):
+def favor_attention(q, k, v, projection, batch_max=False, chunk=1024, eps=1e-4):
     """Non-causal linear attention: out = phi(q) (phi(k)ᵀ v) / (phi(q) · Σ phi(k)).
     q, k, v (B, H, L, d) -> (B, H, L, d). A column of ones appended to v makes the same two matmuls compute the
-    denominator."""
-    q = softmax_kernel(q, projection, is_query=True)                        # (B, H, L, m)
-    k = softmax_kernel(k, projection, is_query=False, batch_max=batch_max)  # (B, H, L, m)
-    context = k.transpose(-2, -1) @ F.pad(v, (0, 1), value=1.0)            # (B, H, m, d + 1): L summed away: linear
-    out = q @ context                                                       # (B, H, L, d + 1)
-    return out[..., :-1] / out[..., -1:]
+    denominator.
+
+    The feature maps phi are (B, H, L, m): 180 MB per layer for one full-size cell, far bigger than the CPU's caches,
+    and allocating them anew in every layer costs more in page faults than the matmuls cost. So we never make them
+    whole: about `chunk` tokens of the batch at a time (chunk // B positions of every cell), the keys add their chunk
+    to the (m, d + 1) summary phi(k)ᵀ [v 1], then each chunk of queries reads its output from it. The key stabiliser,
+    a max over the cell's whole phi(k), is kept as a running max (as flash attention keeps its softmax's): when a chunk
+    raises it, the summary so far is rescaled by exp(old - new). The +eps floor of phi is linear, so it is added once,
+    as eps Σ_l [v_l 1] to the summary and eps Σ_m context_m to each query's output. Same numbers as softmax_kernel's
+    (to float rounding), the same FLOPs, for training too (autograd keeps every chunk's features, as it kept the whole).
+    """
+    B, H, L, d = q.shape
+    step = max(1, chunk // B)                                               # positions per chunk
+    # inference writes every chunk's (B, H, step, m) logits into one buffer: fresh pages cost more than the matmul
+    workspace = None if torch.is_grad_enabled() else q.new_empty(B * H * step * projection.shape[0])
+    context = key_summary(k, v, projection, batch_max, step, workspace)     # (B, H, m, d + 1)
+    context = context + eps * torch.cat([v.sum(-2, keepdim=True), v.new_full((B, H, 1, 1), L)], -1)
+    floor = eps * context.sum(-2, keepdim=True)                             # (B, H, 1, d + 1)
+    # written token-major, (B, L, H, d): the caller's transpose back to (B, L, H * d) is then free
+    out = q.new_empty(B, L, H, d)
+    for i in range(0, L, step):
+        phi_q = softmax_kernel(q[:, :, i:i + step], projection, is_query=True, eps=0.0, workspace=workspace)
+        num_den = phi_q @ context + floor                                   # (B, H, step, d + 1)
+        out[:, i:i + step] = (num_den[..., :-1] / num_den[..., -1:]).transpose(1, 2)
+    return out.transpose(1, 2)                                              # (B, H, L, d)
+
+
+def key_summary(k, v, projection, batch_max, step, workspace=None):
+    """Σ_l exp(w·k_l' - |k_l'|²/2 - c) [v_l 1]: (B, H, m, d + 1), `step` positions at a time, c the running max."""
+    context, stab = 0.0, None
+    for i in range(0, k.shape[2], step):
+        k_proj, half_sq_norm = feature_logits(k[:, :, i:i + step], projection, workspace)  # (B, H, step, m)
+        with torch.no_grad():
+            chunk_max = k_proj.amax() if batch_max else k_proj.amax((-3, -2, -1), keepdim=True)
+            new_stab = chunk_max if stab is None else torch.maximum(stab, chunk_max)
+            rescale = 1.0 if stab is None else torch.exp(stab - new_stab)    # the summary so far, in the new scale
+            stab = new_stab
+        phi = k_proj.sub_(half_sq_norm + stab).exp_()                       # (B, H, step, m), without the floor
+        v1 = F.pad(v[:, :, i:i + step], (0, 1), value=1.0)                 # (B, H, step, d + 1)
+        context = context * rescale + phi.transpose(-2, -1) @ v1
+    return context
 
 
 # -----------------------------------------------------------------------------
@@ -278,7 +323,8 @@ class Attention(nn.Module):
     def forward(self, x, attn_mask=None, rel=None):          # x (B, L, n_embd); attn_mask (B, 1, 1, L) bool or None
         q, k, v = self.heads(x)                               # rel: DeBERTa's (P (R, n_embd), buckets (B|1, L, L))
         if self.config.attention == 'performer':
-            out = favor_attention(q, k, v, self.projection_matrix, self.config.favor_batch_max)
+            out = favor_attention(q, k, v, self.projection_matrix, self.config.favor_batch_max,
+                                  self.config.favor_chunk)
         elif rel is not None:
             out = disentangled_attention(self, q, k, v, attn_mask, *rel)
         else:
