@@ -18,9 +18,10 @@ per 10k in log_base), every gene of the file kept.
 The model: the project's encoder (any ModelConfig) reads a control cell; a perturbation vector (a learned row per
 perturbation, zero until trained, so a held-out one has none; for a gene, plus the target's gene embedding and, with
 pathway_enc, the sum of its gene sets' embeddings) joins the pooled cell; a per-gene regression head predicts the
-change of every gene, added to the control cell. Training pairs every perturbed cell with a random control cell (of
-its type, when cell_type_key is given), as GEARS does, and every control cell with another one and no perturbation.
-A held-out group's prediction is the mean over its control cells.
+change of every gene (a term of its own, and a gain on its control value), added to the control cell. Training
+pairs every perturbed cell with a random control cell (of its type, when cell_type_key is given), as GEARS does, and
+every control cell with another one and no perturbation. A held-out group's prediction is the mean over its control
+cells.
 
 The baselines, on the same split: no_change (the control mean), mean_shift (the control mean plus the mean shift of
 the training groups), linear (the control mean plus a ridge regression from the group's features to its shift:
@@ -338,9 +339,13 @@ class PerturbModel(nn.Module):
             self.register_buffer('set_ptr', torch.as_tensor(sets.ptr, dtype=torch.long))
             self.register_buffer('set_idx', torch.as_tensor(sets.idx, dtype=torch.long))
         self.hidden = nn.Sequential(nn.Linear(2 * C, head_hidden), nn.GELU())
-        self.out = nn.Linear(head_hidden, n_genes)                        # per-gene regression: row g reads gene g
-        nn.init.zeros_(self.out.weight)                                   # starts at no change
-        nn.init.zeros_(self.out.bias)
+        # per-gene regression: gene g's change is out_g(hidden) + gain_g(hidden) × its control value, so a response
+        # can depend on where the gene starts (an induced gene reaches a level, whatever it was before)
+        self.out = nn.Linear(head_hidden, n_genes)
+        self.gain = nn.Linear(head_hidden, n_genes)
+        for layer in (self.out, self.gain):                               # starts at no change
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
 
     def perturbation(self, pert):
         """pert (B,) long -> (B, C): the learned row, the target's gene embedding (when the encoder knows the gene)
@@ -358,9 +363,11 @@ class PerturbModel(nn.Module):
         """The pooled encoder output of control cells x -> (B, C)."""
         return pool(self.encoder.encode(x), token_valid(x))
 
-    def change(self, cell, pert):
-        """(B, C) cells, (B,) perturbations -> the predicted change of every gene (B, G)."""
-        return self.out(self.hidden(torch.cat([cell, self.perturbation(pert)], dim=-1)))
+    def change(self, cell, control, pert):
+        """(B, C) pooled cells, (B, G) their expression, (B,) perturbations -> the predicted change of every gene
+        (B, G)."""
+        h = self.hidden(torch.cat([cell, self.perturbation(pert)], dim=-1))
+        return self.out(h) + self.gain(h) * control
 
 
 def make_encoder(cells):
@@ -430,9 +437,10 @@ def train_model(model, cells, train_idx, rows, k, dev):
         control = np.array([rng.choice(pools[cells.cell_type[t]]) for t in target])
         x = encoder_input(cells, control, rows, cfg, seeds=[[seed, k, it, i] for i in range(batch_size)])
         x = {key: v.to(dev) for key, v in x.items()} if isinstance(x, dict) else x.to(dev)
-        change = torch.from_numpy(cells.X[target] - cells.X[control]).to(dev)                       # (B, G)
+        change = torch.from_numpy(cells.X[target] - cells.X[control]).to(dev)               # (B, G)
         pert = torch.from_numpy(cells.pert[target]).to(dev)
-        loss = F.mse_loss(model.change(model.cell(x), pert), change)
+        before = torch.from_numpy(cells.X[control]).to(dev)
+        loss = F.mse_loss(model.change(model.cell(x), before, pert), change)
         loss = loss + aux_loss_weight * model.encoder.aux_losses()[0]
         for group in optimizer.param_groups:
             group['lr'] = training.lr_at(it, max_iters)
@@ -466,7 +474,8 @@ def predict_group(model, cells, group, rows, dev, cache):
         cache[key] = torch.cat(parts)
     cell = cache[key]
     pert = 1 if task == 'celltype' else cells.perturbations.index(group) + 1
-    change = model.change(cell, torch.full((len(cell),), pert, dtype=torch.long, device=dev)).mean(0)
+    before = torch.from_numpy(cells.X[inputs]).to(dev)
+    change = model.change(cell, before, torch.full((len(cell),), pert, dtype=torch.long, device=dev)).mean(0)
     return cells.X[control].mean(0) + change.cpu().numpy()
 
 
