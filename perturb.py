@@ -20,8 +20,8 @@ perturbation, zero until trained, so a held-out one has none; for a gene, plus t
 pathway_enc, the sum of its gene sets' embeddings) joins the pooled cell; a per-gene regression head predicts the
 change of every gene (a term of its own, and a gain on its control value), added to the control cell. Training
 pairs every perturbed cell with a random control cell (of its type, when cell_type_key is given), as GEARS does, and
-every control cell with another one and no perturbation. A held-out group's prediction is the mean over its control
-cells.
+every control cell with another one and no perturbation; the change it learns is the perturbed cell minus the mean
+of those control cells. A held-out group's prediction is the mean over its control cells.
 
 The baselines, on the same split: no_change (the control mean), mean_shift (the control mean plus the mean shift of
 the training groups), linear (the control mean plus a ridge regression from the group's features to its shift:
@@ -87,7 +87,7 @@ head_hidden = 256              # the regression head's hidden width
 init_from = 'scratch'          # 'scratch' | a checkpoint of train.py (e.g. --mode=pretrain): its encoder, genes mapped
                                # by name (genes it lacks are left out of the input), its architecture
 # training and evaluation
-max_iters = 1500               # optimizer steps per model
+max_iters = 800                # optimizer steps per model
 batch_size = 32                # cell pairs per step
 learning_rate = 1e-3           # peak learning rate (AdamW, linear warm-up then linear decay, as train.py)
 min_lr = 1e-5
@@ -379,6 +379,9 @@ def make_encoder(cells):
     if not isinstance(ckpt, dict) or 'model_args' not in ckpt or not ckpt.get('vocab'):
         raise UserError(f'{init_from} is not a checkpoint of train.py (no model_args or vocab); pretrain one with '
                         f'python train.py --mode=pretrain')
+    if ckpt.get('log_base', log_base) != log_base:                    # its value embedding read other numbers
+        raise UserError(f"{init_from} was trained on log1p values in base {ckpt['log_base']}, and --log_base is "
+                        f"{log_base}; set --log_base={ckpt['log_base']}")
     known = {f.name for f in fields(ModelConfig)}
     args = {k: v for k, v in ckpt['model_args'].items() if k in known}
     args.update(n_classes=0, max_genes=max_genes, n_zero_genes=0, dropout=dropout)   # unmeasured genes are not zeros
@@ -425,9 +428,13 @@ def control_pools(cells):
 
 def train_model(model, cells, train_idx, rows, k, dev):
     """max_iters AdamW steps on pairs (a random control cell -> a training cell): MSE of the predicted change of every
-    gene against the training cell minus its control. A control cell as the target teaches 'no perturbation'."""
+    gene against the training cell minus the mean of the control cells it could have been paired with. (Minus the
+    paired cell itself, the best guess of a random partner's change is the partner's mean minus the input, which
+    teaches the model to forget its input rather than the perturbation.) A control cell as the target teaches 'no
+    perturbation'."""
     cfg = model.encoder.config
     pools = control_pools(cells)
+    pool_mean = {t: cells.X[idx].mean(0) for t, idx in pools.items()}
     optimizer = ScBERT.configure_optimizer(model, 'adamw', learning_rate, weight_decay)   # nanoGPT's decay groups
     rng = np.random.default_rng([seed, k])
     model.train()
@@ -437,7 +444,8 @@ def train_model(model, cells, train_idx, rows, k, dev):
         control = np.array([rng.choice(pools[cells.cell_type[t]]) for t in target])
         x = encoder_input(cells, control, rows, cfg, seeds=[[seed, k, it, i] for i in range(batch_size)])
         x = {key: v.to(dev) for key, v in x.items()} if isinstance(x, dict) else x.to(dev)
-        change = torch.from_numpy(cells.X[target] - cells.X[control]).to(dev)               # (B, G)
+        change = torch.from_numpy(cells.X[target] - np.stack([pool_mean[cells.cell_type[t]] for t in target]))
+        change = change.to(dev)                                                                 # (B, G)
         pert = torch.from_numpy(cells.pert[target]).to(dev)
         before = torch.from_numpy(cells.X[control]).to(dev)
         loss = F.mse_loss(model.change(model.cell(x), before, pert), change)
