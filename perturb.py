@@ -1,4 +1,4 @@
-"""
+r"""
 Predict how cells respond to a perturbation, side by side with the simple baselines that match or beat published
 models (Ahlmann-Eltze et al. 2024).
 
@@ -135,6 +135,8 @@ def main():
 def check_settings():
     if not input:
         raise UserError('no input file (set --input=<file.h5ad>)')
+    if not os.path.isfile(input):
+        raise UserError(f'{input} is not a file (set --input=<an existing .h5ad file>)')
     if task not in ('celltype', 'gene'):
         raise UserError(f"task must be 'celltype' or 'gene', not '{task}' (set --task=...)")
     if task == 'celltype' and not cell_type_key:

@@ -189,6 +189,7 @@ def test_pretrained_encoder_mapped_by_gene_name(knockouts, tmp_path):
     (['--holdout=D'], r"--holdout=D is not one of the cell types: A, B, C"),
     (['--cell_type_key='], r"cell_type_key"),
     (['--task=drug'], r"task must be 'celltype' or 'gene'"),
+    (['--input=missing.h5ad'], r"missing.h5ad is not a file"),
 ])
 def test_bad_input(kang, tmp_path, args, pattern):
     r = run_script('perturb.py', f'--input={kang}', *KANG_ARGS, f'--out_dir={tmp_path / "o"}', *TINY, *args,
