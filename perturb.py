@@ -16,12 +16,13 @@ and what is known about the target gene. The cells are read and normalized as pr
 per 10k in log_base), every gene of the file kept.
 
 The model: the project's encoder (any ModelConfig) reads a control cell; a perturbation vector (a learned row per
-perturbation, zero until trained, so a held-out one has none; for a gene, plus the target's gene embedding and, with
-pathway_enc, the sum of its gene sets' embeddings) joins the pooled cell; a per-gene regression head predicts the
-change of every gene (a term of its own, and a gain on its control value), added to the control cell. Training
-pairs every perturbed cell with a random control cell (of its type, when cell_type_key is given), as GEARS does, and
-every control cell with another one and no perturbation; the change it learns is the perturbed cell minus the mean
-of those control cells. A held-out group's prediction is the mean over its control cells.
+perturbation, a held-out one given the mean of the trained rows (unseen_perturbation); for a gene, plus the target's
+gene embedding and, with pathway_enc, the sum of its gene sets' embeddings) joins the pooled cell; a per-gene
+regression head predicts the change of every gene (a term of its own, and a gain on its control value), added to
+the control cell. Training pairs every perturbed cell with a random control cell (of its type, when cell_type_key is
+given), as GEARS does, and every control cell with another one and no perturbation; the change it learns is the
+perturbed cell minus the mean of those control cells. A held-out group's prediction is the mean over its control
+cells.
 
 The baselines, on the same split: no_change (the control mean), mean_shift (the control mean plus the mean shift of
 the training groups), linear (the control mean plus a ridge regression from the group's features to its shift:
@@ -84,6 +85,9 @@ n_expert = 0
 n_expert_active = 2
 dropout = 0.0
 head_hidden = 256              # the regression head's hidden width
+unseen_perturbation = 'mean'   # the learned row of a perturbation never trained on: 'mean' (the mean row of those
+                               # trained on: with nothing known, it acts like the average one, as mean_shift assumes)
+                               # | 'zero' (none: only its gene embedding and gene sets speak for it)
 init_from = 'scratch'          # 'scratch' | a checkpoint of train.py (e.g. --mode=pretrain): its encoder, genes mapped
                                # by name (genes it lacks are left out of the input), its architecture
 # training and evaluation
@@ -144,6 +148,8 @@ def check_settings():
     if pathway_enc and (task != 'gene' or not comma_list(gene_sets)):
         raise UserError('pathway_enc reads the target genes\' gene sets: use it with --task=gene and '
                         '--gene_sets=<a.gmt,b.gmt>')
+    if unseen_perturbation not in ('mean', 'zero'):
+        raise UserError(f"unseen_perturbation must be 'mean' or 'zero', not '{unseen_perturbation}'")
     for name, low in (('max_iters', 1), ('batch_size', 1), ('eval_cells', 1), ('n_folds', 2), ('n_pcs', 0)):
         if globals()[name] < low:
             raise UserError(f'{name} must be at least {low}, not {globals()[name]} (set --{name}=...)')
@@ -489,6 +495,15 @@ def predict_group(model, cells, group, rows, dev, cache):
     return cells.X[control].mean(0) + change.cpu().numpy()
 
 
+@torch.no_grad()
+def fill_unseen(model, cells, train_idx):
+    """The learned row of every perturbation without training cells := the mean row of those with some."""
+    trained = np.setdiff1d(np.unique(cells.pert[train_idx]), [0])
+    unseen = np.setdiff1d(np.arange(1, len(cells.perturbations) + 1), trained)
+    if len(unseen) and len(trained):
+        model.pert_emb.weight[torch.as_tensor(unseen)] = model.pert_emb.weight[torch.as_tensor(trained)].mean(0)
+
+
 def run_split(cells, held_out, k):
     """Train a model without the held-out groups' perturbed cells, then score it and the baselines on each
     -> {group: its result}."""
@@ -502,6 +517,8 @@ def run_split(cells, held_out, k):
     print(f"  {len(train_idx)} training cells; model: {sum(p.numel() for p in model.parameters()):,} parameters")
     start = time.time()
     train_model(model, cells, train_idx, rows, k, dev)
+    if unseen_perturbation == 'mean':
+        fill_unseen(model, cells, train_idx)
     cache, results = {}, {}
     for g in held_out:
         predictions[g]['model'] = predict_group(model, cells, g, rows, dev, cache)

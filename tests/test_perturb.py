@@ -207,3 +207,20 @@ def test_held_out_type_without_control_cells(tmp_path):
     r = run_script('perturb.py', f'--input={tmp_path / "x.h5ad"}', *KANG_ARGS, '--holdout=all',
                    f'--out_dir={tmp_path / "o"}', *TINY, check=False)
     user_error(r, r"held-out group 'C' has 0 control and 8 perturbed cells")
+
+
+def test_unseen_perturbation_gets_the_mean_trained_row(knockouts, settings):
+    settings(input=str(knockouts / 'ko.h5ad'), task='gene', perturbation_key='target_gene', control_value='control',
+             cell_type_key='')
+    cells = perturb.read_cells()
+    torch.manual_seed(0)
+    model = torch.nn.Module()
+    model.pert_emb = torch.nn.Embedding(len(cells.perturbations) + 1, 3)
+    before = model.pert_emb.weight.detach().clone()
+    perturb.fill_unseen(model, cells, perturb.training_cells(cells, ['JAK2']))
+    after = model.pert_emb.weight.detach()
+    jak2 = cells.perturbations.index('JAK2') + 1
+    trained = [i for i in range(1, len(cells.perturbations) + 1) if i != jak2]
+    torch.testing.assert_close(after[jak2], before[trained].mean(0))
+    keep = [i for i in range(len(after)) if i != jak2]
+    torch.testing.assert_close(after[keep], before[keep])          # the control row and the trained rows stay
