@@ -34,7 +34,7 @@ out_dir/shift_<group>.png and out_dir/summary.png.
 """
 import os
 import time
-from dataclasses import fields
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -164,10 +164,17 @@ def architecture():
 # -----------------------------------------------------------------------------
 # the cells: read, normalized, each with its perturbation and type
 
+@dataclass
 class Cells:
-    """The data of one .h5ad: csr (indptr, indices, values) log-normalized over genes; X (n_cells, G) the same,
-    dense; perturbation (n_cells,) str; pert (n_cells,) int, 0 = control, i = perturbations[i - 1]; cell_type
-    (n_cells,) str (all '' without cell_type_key); groups: the held-out units (cell types or perturbations)."""
+    """The cells of one .h5ad that have a perturbation (and a type, task celltype), log-normalized."""
+    genes: list               # the file's genes (G)
+    csr: tuple                # (indptr, indices, values) over the genes
+    X: np.ndarray             # (n_cells, G) float32, the same, dense
+    perturbation: np.ndarray  # (n_cells,) str, the obs value
+    cell_type: np.ndarray     # (n_cells,) str ('' without cell_type_key)
+    perturbations: list       # the values other than control_value, sorted
+    pert: np.ndarray          # (n_cells,) int: 0 = control, i = perturbations[i - 1]
+    groups: list              # what is held out: cell types (celltype) or perturbations (gene)
 
 
 def read_cells():
@@ -175,29 +182,31 @@ def read_cells():
     proc = process_h5ad(input, layer=layer, gene_key=gene_key, log_base=log_base, min_genes=min_genes)
     perturbation = proc.h5.obs_column(perturbation_key, 'perturbation_key')
     cell_type = proc.h5.obs_column(cell_type_key, 'cell_type_key') if cell_type_key else None
+    if cell_type is None:
+        cell_type = np.full(len(perturbation), '', dtype=object)
     chunks = list(proc)
-    keep = np.concatenate([c.passed_qc for c in chunks]) & np.array([p is not None for p in perturbation])
+    # a cell without a perturbation (or, for celltype, a type) says nothing here
+    keep = (np.concatenate([c.passed_qc for c in chunks]) & np.array([p is not None for p in perturbation])
+            & np.array([t is not None for t in cell_type]))
     indptr = np.cumsum(np.concatenate([[0]] + [np.diff(c.indptr) for c in chunks]))
     csr = take_rows(indptr, np.concatenate([c.indices for c in chunks]), np.concatenate([c.values for c in chunks]),
                     np.flatnonzero(keep))
-    c = Cells()
-    c.genes, c.csr = list(proc.vocab), csr
-    c.X = to_dense(*csr, len(c.genes))
-    c.perturbation = perturbation[keep].astype(str)
-    c.cell_type = cell_type[keep].astype(str) if cell_type is not None else np.full(keep.sum(), '', dtype=object)
-    values = sorted(set(c.perturbation.tolist()))
+    perturbation, cell_type = perturbation[keep].astype(str), cell_type[keep].astype(str)
+    values = sorted(set(perturbation.tolist()))
     if control_value not in values:
         raise UserError(f"no cell has {perturbation_key}='{control_value}' (values: {', '.join(values[:10])}); set "
                         f"--control_value to the value of the control cells")
-    c.perturbations = [v for v in values if v != control_value]
-    if not c.perturbations:
+    perturbations = [v for v in values if v != control_value]
+    if not perturbations:
         raise UserError(f"every cell is a control ({perturbation_key}='{control_value}'): nothing to predict")
-    if task == 'celltype' and len(c.perturbations) > 1:
-        raise UserError(f"task celltype predicts one perturbation, and {perturbation_key} has "
-                        f"{len(c.perturbations)} besides the control ({', '.join(c.perturbations[:5])}); keep one in "
-                        f"the file, or use --task=gene")
-    c.pert = np.array([0 if p == control_value else c.perturbations.index(p) + 1 for p in c.perturbation])
-    c.groups = sorted(set(c.cell_type.tolist())) if task == 'celltype' else c.perturbations
+    if task == 'celltype' and len(perturbations) > 1:
+        raise UserError(f"task celltype predicts one perturbation, and {perturbation_key} has {len(perturbations)} "
+                        f"besides the control ({', '.join(perturbations[:5])}); keep one in the file, or use "
+                        f"--task=gene")
+    code = {p: i + 1 for i, p in enumerate(perturbations)}
+    c = Cells(genes=list(proc.vocab), csr=csr, X=to_dense(*csr, len(proc.vocab)), perturbation=perturbation,
+              cell_type=cell_type, perturbations=perturbations, pert=np.array([code.get(p, 0) for p in perturbation]),
+              groups=sorted(set(cell_type.tolist())) if task == 'celltype' else perturbations)
     print(f"{proc.summary()}; {len(c.X)} cells kept, {int((c.pert == 0).sum())} controls, "
           f"{len(c.perturbations)} perturbations, {len(c.groups)} groups")
     return c
@@ -299,9 +308,13 @@ def baselines(cells, held_out, sets):
 # -----------------------------------------------------------------------------
 # the model
 
+@dataclass
 class GeneSets:
-    """Each perturbation's gene sets: membership (n_perturbations + 1, n_sets) 0/1 (row 0, the control, in none),
-    and the same as CSR (ptr, idx) for the embedding bag."""
+    """Each perturbation's gene sets (row 0, the control, is in none)."""
+    names: list               # the sets kept
+    membership: np.ndarray    # (n_perturbations + 1, n_sets) 0/1
+    ptr: np.ndarray           # the same as CSR, for the embedding bag: perturbation i's sets are idx[ptr[i]:ptr[i + 1]]
+    idx: np.ndarray
 
 
 def perturbation_sets(cells):
@@ -309,25 +322,22 @@ def perturbation_sets(cells):
     min_set_genes..max_set_genes genes among the data's genes and the targets, as prepare_data.py --annotate keeps
     them over a vocab."""
     names = [control_value] + cells.perturbations
-    s = GeneSets()
-    s.names, s.membership = [], np.zeros((len(names), 0), np.float64)
+    set_names, membership = [], np.zeros((len(names), 0), np.float64)
     if task == 'gene' and comma_list(gene_sets):
-        extra = [p for p in cells.perturbations if p not in set(cells.genes)]
-        vocab = cells.genes + extra
+        vocab = cells.genes + [p for p in cells.perturbations if p not in set(cells.genes)]
         annotation, _ = annotate_genes(vocab, None, read_gene_sets(comma_list(gene_sets))[0], min_set_genes,
                                        max_set_genes)
         ptr, idx = annotation['pathway_ptr'], annotation['pathway_idx']
-        s.names = annotation['pathway_names']
-        s.membership = np.zeros((len(names), len(s.names)))
+        set_names = annotation['pathway_names']
+        membership = np.zeros((len(names), len(set_names)))
         for i, p in enumerate(names[1:], 1):
             g = vocab.index(p)
-            s.membership[i, idx[ptr[g]:ptr[g + 1]]] = 1
-        print(f"gene sets: {len(s.names)} kept; {int((s.membership.sum(1) > 0).sum())} of {len(names) - 1} targets "
+            membership[i, idx[ptr[g]:ptr[g + 1]]] = 1
+        print(f"gene sets: {len(set_names)} kept; {int((membership.sum(1) > 0).sum())} of {len(names) - 1} targets "
               f"in at least one")
-    rows, cols = np.nonzero(s.membership)
-    s.ptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=len(names)))])
-    s.idx = cols
-    return s
+    rows, cols = np.nonzero(membership)
+    return GeneSets(set_names, membership, np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=len(names)))]),
+                    cols)
 
 
 class PerturbModel(nn.Module):
