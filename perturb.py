@@ -254,11 +254,9 @@ def training_cells(cells, held_out):
 # -----------------------------------------------------------------------------
 # the baselines
 
-def group_shift(cells, group, idx=None):
-    """The group's perturbed mean minus its control mean (G,), over cells idx (None = all)."""
+def group_shift(cells, group):
+    """The group's perturbed mean minus its control mean (G,)."""
     control, perturbed = group_cells(cells, group)
-    if idx is not None:
-        control, perturbed = np.intersect1d(control, idx), np.intersect1d(perturbed, idx)
     return cells.X[perturbed].mean(0) - cells.X[control].mean(0)
 
 
