@@ -314,3 +314,89 @@ def plot_top_genes(ranked, path, title='', n=20):
     fig.suptitle(title, fontsize=10)
     with atomic_write(path) as tmp:
         fig.savefig(tmp, format='png', dpi=110)
+
+
+# -----------------------------------------------------------------------------
+# Perturbation effects (perturb.py): how well a predicted mean expression after a perturbation matches the truth.
+# The shift is the perturbed mean minus the control mean; the top DE genes are those with the largest |Welch t|
+# between the perturbed and the control cells (scanpy's default test, which GEARS and scGen rank by).
+PERTURBATION_METRICS = ('pearson_delta_top20', 'pearson_delta_all', 'r2_top100', 'r2_all', 'mse_top20')
+
+
+def pearson(a, b):
+    """Pearson correlation of two 1-D arrays (0.0 when either is constant)."""
+    a, b = np.asarray(a, np.float64) - np.mean(a), np.asarray(b, np.float64) - np.mean(b)
+    denom = np.sqrt((a * a).sum() * (b * b).sum())
+    return float((a * b).sum() / denom) if denom > 0 else 0.0
+
+
+def welch_t(perturbed, control):
+    """Welch's t statistic per gene of perturbed (n1, G) against control (n0, G) cells -> (G,); 0 where both groups
+    are constant."""
+    m1, m0 = perturbed.mean(0), control.mean(0)
+    v1 = perturbed.var(0, ddof=1) if len(perturbed) > 1 else np.zeros_like(m1)
+    v0 = control.var(0, ddof=1) if len(control) > 1 else np.zeros_like(m0)
+    se = np.sqrt(v1 / len(perturbed) + v0 / len(control))
+    return np.divide(m1 - m0, se, out=np.zeros_like(se, dtype=np.float64), where=se > 0)
+
+
+def top_de_genes(perturbed, control, n):
+    """The n genes with the largest |Welch t| (ties by gene order) -> int array, most significant first."""
+    t = np.abs(welch_t(np.asarray(perturbed, np.float64), np.asarray(control, np.float64)))
+    return np.argsort(-t, kind='stable')[:n]
+
+
+def perturbation_metrics(pred_mean, true_mean, control_mean, de_order):
+    """One method's metrics on one held-out group. pred_mean, true_mean, control_mean: (G,) mean log expression;
+    de_order: genes by |t|, most significant first. Pearson of the shifts (GEARS), R² of the means as scGen reports
+    it (the squared Pearson correlation, its linregress r²), MSE of the means on the top 20 DE genes."""
+    pred_delta, true_delta = pred_mean - control_mean, true_mean - control_mean
+    top20, top100 = de_order[:20], de_order[:100]
+    return {'pearson_delta_top20': pearson(pred_delta[top20], true_delta[top20]),
+            'pearson_delta_all': pearson(pred_delta, true_delta),
+            'r2_top100': pearson(pred_mean[top100], true_mean[top100]) ** 2,
+            'r2_all': pearson(pred_mean, true_mean) ** 2,
+            'mse_top20': float(np.mean((pred_mean[top20] - true_mean[top20]) ** 2))}
+
+
+def plot_shift(pred_deltas, true_delta, genes, de_order, path, title='', n_labels=10):
+    """Predicted against true shift over all genes, a panel per method ({method: (G,) shift}), the top DE genes
+    labelled."""
+    from matplotlib.figure import Figure
+    from data import atomic_write
+    fig = Figure(figsize=(3.6 * len(pred_deltas), 3.6), layout='constrained')
+    top = de_order[:20]
+    for ax, (method, pred) in zip(fig.subplots(1, len(pred_deltas), squeeze=False)[0], pred_deltas.items()):
+        ax.scatter(true_delta, pred, s=4, color='0.6', lw=0)
+        ax.scatter(true_delta[top], pred[top], s=8, color='C3', lw=0, label='top 20 DE')
+        for g in de_order[:n_labels]:
+            ax.annotate(genes[g], (true_delta[g], pred[g]), fontsize=6)
+        lim = float(max(np.abs(true_delta).max(), np.abs(pred).max(), 1e-3)) * 1.05
+        ax.plot([-lim, lim], [-lim, lim], color='0.3', lw=0.5)
+        ax.set(xlim=(-lim, lim), ylim=(-lim, lim), xlabel='true shift', ylabel='predicted shift',
+               title=f'{method}: r={pearson(pred, true_delta):.2f}')
+        ax.title.set_fontsize(9)
+    fig.suptitle(title, fontsize=10)
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, format='png', dpi=110)
+
+
+def plot_perturbation_summary(per_group, path, metrics=('pearson_delta_top20', 'r2_top100')):
+    """Per held-out group, each method's metric as bars, a panel per metric. per_group: {group: {method: {metric:
+    value}}}."""
+    from matplotlib.figure import Figure
+    from data import atomic_write
+    groups = list(per_group)
+    methods = list(next(iter(per_group.values())))
+    fig = Figure(figsize=(max(6.0, 0.45 * len(groups) * len(methods) / 2), 3.4 * len(metrics)), layout='constrained')
+    width = 0.8 / len(methods)
+    for ax, metric in zip(fig.subplots(len(metrics), 1, squeeze=False)[:, 0], metrics):
+        for j, method in enumerate(methods):
+            ax.bar(np.arange(len(groups)) + j * width, [per_group[g][method][metric] for g in groups], width,
+                   label=method)
+        ax.set_xticks(np.arange(len(groups)) + 0.4 - width / 2, groups, rotation=60, ha='right', fontsize=7)
+        ax.set_ylabel(metric)
+        ax.axhline(0, color='0.3', lw=0.5)
+    fig.axes[0].legend(fontsize=7, ncol=len(methods))
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, format='png', dpi=110)
