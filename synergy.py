@@ -58,19 +58,24 @@ drug_a_key = 'drug_a_name'     # columns of the synergy file
 drug_b_key = 'drug_b_name'
 cell_line_key = 'cell_line'
 synergy_key = 'synergy'
-split = 'fold'                 # the fold column: fold (held-out drug pairs) | cl_fold (held-out cell lines) | any other
+split = 'fold'                 # a fold column of the synergy file: fold (held-out drug pairs), cl_fold (its fold 1
+                               # holds out 7 cell lines, its other folds are random rows of the other 28), ...; or
+                               # 'by_cell_line': folds made here, each cell line's rows all in one of n_folds folds
+n_folds = 5                    # by_cell_line: how many folds (the cell lines shuffled with `seed`, dealt in turn)
+fold = 'all'                   # the test folds: 'all' (each in turn: mean ± sd), or one fold number (a quick look)
 cell_features = 'expression'   # expression | encoder | both (see the docstring)
 encoder_ckpt = ''              # encoder, both: a checkpoint of ours (train.py's best.pt, pretrained or fine-tuned)
 encoder_value_scale = 5.7      # encoder input value = scale * z for z > 0 (z <= 1 here): 5.7 is the 99th percentile
                                # of the nonzero log2 values of the shared human cells (celltypist sample)
+feature_clip = 5.0             # standardised cell features are clipped to ± this (see cell_coordinates)
 out_dir = 'out-synergy'
 drug_dim = 32                  # the learned embedding of a drug
 hidden = (512, 256)            # the net's hidden layers (DeepSynergy's best: 8192, 4096, on 2 GPUs' worth of time)
 input_dropout = 0.2            # DeepSynergy's
 dropout = 0.5                  # DeepSynergy's, on the hidden layers
-learning_rate = 1e-3
+learning_rate = 2e-3
 weight_decay = 0.0
-batch_size = 256               # rows per step (each row in both drug orders)
+batch_size = 512               # rows per step (each row in both drug orders)
 max_epochs = 100
 patience = 10                  # stop when the validation RMSE has not improved for this many epochs
 ridge_alphas = (0.01, 0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0)   # ridge penalties tried on the validation rows
@@ -124,25 +129,41 @@ def read_synergy(path):
     """The synergy file -> dict: drug_a, drug_b (indices into drugs), cell (index into cell_lines), cell_name, y,
     folds (-1 = none): arrays over the rows; drugs, cell_lines: the names."""
     header, rows = read_table(path, 'synergy')
-    columns = {}
+    columns, made_here = {}, split == 'by_cell_line' and split not in header
     for setting, name in (('drug_a_key', drug_a_key), ('drug_b_key', drug_b_key), ('cell_line_key', cell_line_key),
-                          ('synergy_key', synergy_key), ('split', split)):
+                          ('synergy_key', synergy_key), *([] if made_here else [('split', split)])):
         if name not in header:
             raise UserError(f"{path} has no column '{name}' (set --{setting}=...; its columns: {', '.join(header)})")
         columns[setting] = [row[header.index(name)] if header.index(name) < len(row) else '' for row in rows]
-    fold_text = [t.strip() for t in columns['split']]
-    folds = as_numbers([t or '-1' for t in fold_text], path, f"'{split}'")
-    if np.any((folds != np.round(folds)) | (folds < -1)):
-        raise UserError(f"{path}: column '{split}' must hold fold numbers 0, 1, 2, ... (or nothing), not "
-                        f"{sorted(set(fold_text))[:5]}")
     drugs = sorted(set(columns['drug_a_key']) | set(columns['drug_b_key']))
     index = {d: i for i, d in enumerate(drugs)}
     cell_lines, cell = np.unique(np.array(columns['cell_line_key'], dtype=object), return_inverse=True)
+    folds = cell_line_folds(cell, len(cell_lines)) if made_here else read_folds(columns['split'], path)
     return {'drug_a': np.array([index[d] for d in columns['drug_a_key']]),
             'drug_b': np.array([index[d] for d in columns['drug_b_key']]),
             'cell': cell, 'cell_lines': list(cell_lines), 'cell_name': np.array(columns['cell_line_key'], dtype=object),
             'y': as_numbers(columns['synergy_key'], path, f"'{synergy_key}'"),
             'folds': folds.astype(np.int64), 'drugs': drugs}
+
+
+def read_folds(texts, path):
+    """The split column's text -> fold numbers (-1 where empty)."""
+    fold_text = [t.strip() for t in texts]
+    folds = as_numbers([t or '-1' for t in fold_text], path, f"'{split}'")
+    if np.any((folds != np.round(folds)) | (folds < -1)):
+        raise UserError(f"{path}: column '{split}' must hold fold numbers 0, 1, 2, ... (or nothing), not "
+                        f"{sorted(set(fold_text))[:5]}")
+    return folds
+
+
+def cell_line_folds(cell, n_lines):
+    """split=by_cell_line: each row's fold, that of its cell line (the lines shuffled with seed, dealt in turn)."""
+    if not 3 <= n_folds <= n_lines:
+        raise UserError(f'n_folds must be between 3 (test, validation, training) and the {n_lines} cell lines, not '
+                        f'{n_folds}')
+    line_fold = np.empty(n_lines, np.int64)
+    line_fold[np.random.default_rng(seed).permutation(n_lines)] = np.arange(n_lines) % n_folds
+    return line_fold[cell]
 
 
 def read_expression(path):
@@ -229,11 +250,14 @@ def cell_line_features(data):
 
 def cell_coordinates(features, train_lines):
     """Features [n_lines, F] -> each line's coordinates in the span of the training lines [n_lines, r]: standardised
-    over the training lines (a constant feature is left at 0), then projected on every principal axis of the
-    training lines (r <= n_train_lines - 1), scaled so the coordinates' mean variance over those lines is 1."""
+    over the training lines (a feature constant over them is left at 0), then projected on every principal axis of the
+    training lines (r <= n_train_lines - 1), scaled so the coordinates' mean variance over those lines is 1. The
+    standardised values are clipped to ±feature_clip: a held-out line far outside the training lines' range on a gene
+    that varies in only a few of them (common in this expression table) would otherwise swamp the rest."""
     train = features[train_lines]
     sd = train.std(0)
-    z = (features - train.mean(0)) / np.where(sd > 0, sd, 1)
+    constant = sd <= 1e-6 * max(sd.max(), 1e-300)       # round-off: a gene that varies only in held-out lines
+    z = np.where(constant, 0, (features - train.mean(0)) / np.where(constant, 1, sd)).clip(-feature_clip, feature_clip)
     _, s, axes = np.linalg.svd(z[train_lines], full_matrices=False)
     keep = s > s[0] * 1e-6 if s[0] > 0 else np.zeros(len(s), bool)
     coordinates = z @ axes[keep].T                                    # (n_lines, r)
@@ -322,10 +346,10 @@ def predict_rows(net, inputs, chunk=8192):
     return torch.cat([net.predict(*(t[i:i + chunk] for t in inputs)) for i in range(0, len(inputs[0]), chunk)])
 
 
-def train_net(data, coordinates, train, val, fold):
+def train_net(data, coordinates, train, val, test_fold):
     """The net trained on the training rows in both drug orders, with Adam, keeping the epoch of the lowest validation
     RMSE (stopping after `patience` epochs without a better one) -> (net at its best epoch, y mean, y sd, log)."""
-    torch.manual_seed(seed + fold)
+    torch.manual_seed(seed + test_fold)
     y_mean, y_sd = data['y'][train].mean(), data['y'][train].std()
     a, b, cells = tensors(data, train, coordinates)
     a, b, cells = torch.cat([a, b]), torch.cat([b, a]), torch.cat([cells, cells])    # both orders
@@ -368,16 +392,16 @@ def held_out(data, train, test):
             'cell_lines_in_training': int(np.isin(test_lines, data['cell'][train]).sum())}
 
 
-def run_fold(data, features, fold, n_folds):
+def run_fold(data, features, test_fold, n_split_folds):
     """One test fold: every method fitted on its training rows -> (result dict, test rows, {method: predictions})."""
     t0 = time.time()
-    train, val, test = split_indices(data['folds'], fold, n_folds)
+    train, val, test = split_indices(data['folds'], test_fold, n_split_folds)
     coordinates = cell_coordinates(features, np.unique(data['cell'][train]))
-    net, y_mean, y_sd, log = train_net(data, coordinates, train, val, fold)
+    net, y_mean, y_sd, log = train_net(data, coordinates, train, val, test_fold)
     predictions = {'model': predict_rows(net, tensors(data, test, coordinates)).double().numpy() * y_sd + y_mean,
                    'pair_mean': pair_mean(data, train, test)}
     predictions['ridge'], alpha = ridge(data, coordinates, train, val, test)
-    result = {'fold': fold, 'n_train': len(train), 'n_val': len(val), 'n_test': len(test),
+    result = {'fold': test_fold, 'n_train': len(train), 'n_val': len(val), 'n_test': len(test),
               'n_cell_coordinates': coordinates.shape[1], **log, 'ridge_alpha': alpha,
               'held_out': held_out(data, train, test)}
     result.update({m: regression_metrics(data['y'][test], predictions[m], threshold) for m in METHODS})
@@ -428,18 +452,20 @@ def write_outputs(data, results, results_summary, tests, predictions):
 
 t_start = time.time()
 data = read_synergy(synergy)
-n_folds = int(data['folds'].max()) + 1
-if n_folds < 3 or any(np.sum(data['folds'] == k) == 0 for k in range(n_folds)):
+n_split_folds = int(data['folds'].max()) + 1
+if n_split_folds < 3 or any(np.sum(data['folds'] == k) == 0 for k in range(n_split_folds)):
     raise UserError(f"column '{split}' needs folds 0, 1, ..., k - 1 (k >= 3: test, validation, training), each with "
                     f"rows; it has {sorted(set(data['folds'][data['folds'] >= 0].tolist()))}")
+if fold != 'all' and not (fold.isdigit() and int(fold) < n_split_folds):
+    raise UserError(f"fold must be 'all' or a fold number 0..{n_split_folds - 1}, not '{fold}'")
 check_writable(out_dir)
 features = cell_line_features(data)
 print(f"{len(data['y'])} rows ({int((data['folds'] < 0).sum())} without a fold, left out), {len(data['drugs'])} drugs, "
       f"{len(data['cell_lines'])} cell lines; cell features: {cell_features} ({features.shape[1]} per line); "
-      f"split '{split}': {n_folds} folds")
+      f"split '{split}': {n_split_folds} folds")
 results, tests, predictions = [], [], []
-for fold in range(n_folds):
-    result, test, prediction = run_fold(data, features, fold, n_folds)
+for test_fold in range(n_split_folds) if fold == 'all' else [int(fold)]:
+    result, test, prediction = run_fold(data, features, test_fold, n_split_folds)
     results.append(result)
     tests.append(test)
     predictions.append(prediction)
@@ -447,7 +473,7 @@ for fold in range(n_folds):
 results_summary = summary(results)
 os.makedirs(out_dir, exist_ok=True)
 write_outputs(data, results, results_summary, tests, predictions)
-print(f"mean ± sd over {n_folds} folds ({time.time() - t_start:.0f} s):")
+print(f"mean ± sd over {len(results)} folds ({time.time() - t_start:.0f} s):")
 for m in METHODS:
     print(f'  {m:<10}' + '  '.join(f"{k} {results_summary[m][k]['mean']:.3f} ± {results_summary[m][k]['sd'] or 0:.3f}"
                                    if results_summary[m][k]['mean'] is not None else f'{k} -' for k in METRICS))

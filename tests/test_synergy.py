@@ -62,7 +62,7 @@ def read_predictions(path):
         return list(csv.DictReader(f))
 
 
-@pytest.mark.parametrize('split,unit', [('fold', 'pairs'), ('cl_fold', 'cell_lines')])
+@pytest.mark.parametrize('split,unit', [('fold', 'pairs'), ('cl_fold', 'cell_lines'), ('by_cell_line', 'cell_lines')])
 def test_end_to_end_and_no_leak(screen, tmp_path, split, unit):
     synergy, expression = screen
     result = run_script('synergy.py', f'--synergy={synergy}', f'--expression={expression}', f'--split={split}',
@@ -80,6 +80,13 @@ def test_end_to_end_and_no_leak(screen, tmp_path, split, unit):
     assert len(predictions) == 15 * 6 and (tmp_path / 'scatter.png').stat().st_size > 0
     with open(synergy) as f:
         rows = list(csv.DictReader(f))
+    if split == 'by_cell_line':                                     # folds made by synergy.py: a line in one fold
+        fold_of = {p['cell_line']: p[split] for p in predictions}
+        assert len(fold_of) == 6 and all(fold_of[p['cell_line']] == p[split] for p in predictions)
+        rows = [dict(r, by_cell_line=fold_of[r['cell_line']]) for r in rows]
+    columns = ('drug_a_name', 'drug_b_name', 'cell_line', split)
+    assert sorted(tuple(p[c] for c in columns) for p in predictions) == sorted(tuple(r[c] for c in columns)
+                                                                              for r in rows)
 
     def held(r):                                                    # what the split holds out: a pair or a line
         return frozenset((r['drug_a_name'], r['drug_b_name'])) if unit == 'pairs' else r['cell_line']
