@@ -70,17 +70,17 @@ encoder_value_scale = 5.7      # encoder input value = scale * z for z > 0 (z <=
 feature_clip = 5.0             # standardised cell features are clipped to ± this (see cell_coordinates)
 out_dir = 'out-synergy'
 drug_dim = 32                  # the learned embedding of a drug
-hidden = (512, 256)            # the net's hidden layers (DeepSynergy's best: 8192, 4096, on 2 GPUs' worth of time)
+hidden = (512, 256)            # the net's hidden layers (DeepSynergy's best: 8192, 4096; these train on one core)
 input_dropout = 0.2            # DeepSynergy's
 dropout = 0.5                  # DeepSynergy's, on the hidden layers
 learning_rate = 2e-3
 weight_decay = 0.0
-batch_size = 512               # rows per step (each row in both drug orders)
-max_epochs = 100
+batch_size = 512               # rows per step, drawn from the training rows in both drug orders
+max_epochs = 100               # passes over the training rows (both orders), at most
 patience = 10                  # stop when the validation RMSE has not improved for this many epochs
 ridge_alphas = (0.01, 0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0)   # ridge penalties tried on the validation rows
 threshold = 30.0               # AUROC / AUPRC: synergy above this is the positive class (DeepSynergy's)
-seed = 0
+seed = 0                       # the net's initialisation and batches; by_cell_line's partition
 num_threads = 1                # CPU threads (0 = PyTorch's default)
 # -----------------------------------------------------------------------------
 from configurator import configure  # noqa: E402
