@@ -13,6 +13,8 @@ PYTHONPATH=. python results/synergy/random_encoder.py $ENCODER /tmp/random_encod
 for split in fold by_cell_line; do
   run ${split}_random_encoder --split=$split --cell_features=encoder --encoder_ckpt=/tmp/random_encoder.pt
 done
+# the encoder run on held-out pairs stopped at max_epochs (100) in most folds: is the budget what holds it back?
+run fold_encoder_max_epochs200 --split=fold --cell_features=encoder --encoder_ckpt=$ENCODER --max_epochs=200
 for seed in 1 2; do
   for split in fold by_cell_line; do
     for features in expression encoder both; do
