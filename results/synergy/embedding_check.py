@@ -1,5 +1,7 @@
 """How much of the cell lines' expression the encoder's embedding keeps (results/synergy/SECTION.md):
     PYTHONPATH=. python results/synergy/embedding_check.py > results/synergy/embedding_check.txt
+    PYTHONPATH=. python results/synergy/embedding_check.py /tmp/random_encoder.pt \
+        > results/synergy/embedding_check_random_encoder.txt        # made by random_encoder.py
 Runs synergy.py's feature step (cell_features=both, one fold, one epoch) in this process and compares the 35 lines'
 expression (2,401 genes) with their embeddings (64 numbers), each standardised per feature."""
 import contextlib
