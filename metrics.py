@@ -1,6 +1,6 @@
 """
-Classification metrics, the logistic-regression baseline, novelty scores (novel cell types), and the two plots
-train.py writes.
+Classification and regression metrics, the logistic-regression baseline, novelty scores (novel cell types),
+perturbation metrics, and the plots train.py, predict.py, perturb.py and synergy.py write.
 
 Our own numpy/torch code (no scikit-learn at run time); tests/test_metrics.py checks every number against
 scikit-learn. The definitions follow scikit-learn's defaults, so our figures can sit beside published ones:
@@ -30,13 +30,54 @@ def auroc(scores, positive):
     area under the ROC curve, as scikit-learn's roc_auc_score computes it.
     """
     n, n_pos = len(scores), int(positive.sum())
-    order = np.argsort(scores, kind='stable')
-    sorted_scores = scores[order]
-    starts = np.r_[0, np.flatnonzero(np.diff(sorted_scores)) + 1]  # first index of each run of equal scores
+    ranks = average_ranks(scores)
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * (n - n_pos)))
+
+
+def average_ranks(x):
+    """1-based ranks of x [n], ties getting their average rank (scipy.stats.rankdata's default) -> float64 [n]."""
+    n = len(x)
+    order = np.argsort(x, kind='stable')
+    starts = np.r_[0, np.flatnonzero(np.diff(x[order])) + 1]  # first index of each run of equal values
     ends = np.r_[starts[1:], n]
     ranks = np.empty(n)
     ranks[order] = np.repeat((starts + ends + 1) / 2, ends - starts)  # average of the 1-based ranks starts+1..ends
-    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * (n - n_pos)))
+    return ranks
+
+
+def average_precision(scores, positive):
+    """Area under the precision-recall curve of scores [n] for the boolean labels positive [n], as scikit-learn's
+    average_precision_score: sum over the distinct thresholds (descending) of (recall gained) x precision there."""
+    order = np.argsort(-scores, kind='stable')
+    s, hit = scores[order], positive[order].astype(np.float64)
+    last = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]     # the last index of each run of equal scores
+    true_pos = np.cumsum(hit)[last]
+    precision, recall = true_pos / (last + 1), true_pos / max(hit.sum(), 1)
+    return float(np.sum(np.diff(np.r_[0, recall]) * precision))
+
+
+def pearson(a, b):
+    """Pearson correlation of two 1-D arrays (0.0 when either is constant)."""
+    a, b = np.asarray(a, np.float64) - np.mean(a), np.asarray(b, np.float64) - np.mean(b)
+    denom = np.sqrt((a * a).sum() * (b * b).sum())
+    return float((a * b).sum() / denom) if denom > 0 else 0.0
+
+
+def regression_metrics(y_true, y_pred, threshold=30.0):
+    """Predictions y_pred [n] of a continuous y_true [n] (drug synergy): Pearson and Spearman correlation, RMSE, and,
+    as DeepSynergy (Preuer et al. 2018) reported them, AUROC and AUPRC of y_pred for the class y_true > threshold
+    (None when the class or its complement is empty; the correlations are None for a constant). A JSON-serialisable
+    dict."""
+    y_true, y_pred = to_numpy(y_true).astype(np.float64), to_numpy(y_pred).astype(np.float64)
+    positive = y_true > threshold
+    both = 0 < positive.sum() < len(y_true)
+    varied = np.ptp(y_true) > 0 and np.ptp(y_pred) > 0           # a constant has no correlation
+    return {'n': len(y_true),
+            'pearson': pearson(y_true, y_pred) if varied else None,
+            'spearman': pearson(average_ranks(y_true), average_ranks(y_pred)) if varied else None,
+            'rmse': float(np.sqrt(np.mean((y_true - y_pred) ** 2))),
+            'auroc': auroc(y_pred, positive) if both else None,
+            'auprc': average_precision(y_pred, positive) if both else None}
 
 
 def classification_metrics(y_true, y_pred, prob=None, label_names=None):
@@ -316,18 +357,28 @@ def plot_top_genes(ranked, path, title='', n=20):
         fig.savefig(tmp, format='png', dpi=110)
 
 
+def plot_scatter(y_true, y_pred, path, title='', threshold=30.0):
+    """Save predicted against true values as a PNG (drug synergy: every test row of every fold), with the diagonal
+    and the threshold of the AUROC / AUPRC class."""
+    from matplotlib.figure import Figure
+    from data import atomic_write
+    fig = Figure(figsize=(4.8, 4.5), layout='constrained')
+    ax = fig.add_subplot()
+    ax.scatter(y_true, y_pred, s=3, alpha=0.3, lw=0)
+    low, high = min(np.min(y_true), np.min(y_pred)), max(np.max(y_true), np.max(y_pred))
+    ax.plot([low, high], [low, high], color='grey', lw=0.8)
+    ax.axvline(threshold, color='C3', lw=0.6, ls='--')
+    ax.axhline(threshold, color='C3', lw=0.6, ls='--')
+    ax.set(xlabel='true', ylabel='predicted', title=title)
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, format='png', dpi=120)
+
+
 # -----------------------------------------------------------------------------
 # Perturbation effects (perturb.py): how well a predicted mean expression after a perturbation matches the truth.
 # The shift is the perturbed mean minus the control mean; the top DE genes are those with the largest |Welch t|
 # between the perturbed and the control cells (scanpy's default test, which GEARS and scGen rank by).
 PERTURBATION_METRICS = ('pearson_delta_top20', 'pearson_delta_all', 'r2_top100', 'r2_all', 'mse_top20')
-
-
-def pearson(a, b):
-    """Pearson correlation of two 1-D arrays (0.0 when either is constant)."""
-    a, b = np.asarray(a, np.float64) - np.mean(a), np.asarray(b, np.float64) - np.mean(b)
-    denom = np.sqrt((a * a).sum() * (b * b).sum())
-    return float((a * b).sum() / denom) if denom > 0 else 0.0
 
 
 def welch_t(perturbed, control):
