@@ -3,11 +3,12 @@ Drug-combination synergy on cancer cell lines: how strongly two drugs act togeth
 the drugs and a description of the cell line, against two baselines on the same folds.
 
     python synergy.py --split=fold --cell_features=expression --out_dir=out-synergy         # held-out drug pairs
-    python synergy.py --split=cl_fold --cell_features=encoder --encoder_ckpt=out-pretrain-human/best.pt
+    python synergy.py --split=by_cell_line --cell_features=encoder --encoder_ckpt=out-pretrain-human/best.pt
 
 The data are the O'Neil et al. 2016 screen as DeepSynergy (Preuer et al. 2018) scored it (Loewe synergy), with the
-fold columns of TranSynergy: `fold` holds out drug pairs (DeepSynergy's protocol), `cl_fold` cell lines. Every fold
-of the split column is tested once: the next fold is the validation part, the others train (data.split_indices);
+fold columns of TranSynergy: `fold` holds out drug pairs (DeepSynergy's protocol); `cl_fold` holds out 7 cell lines
+in its fold 1 only (its other folds are random rows), so split=by_cell_line makes folds of whole cell lines here.
+Every fold is tested once: the next fold is the validation part, the others train (data.split_indices);
 rows without a fold are left out. Every method learns from the training rows only; the validation rows choose the
 net's epoch (early stopping) and ridge's penalty.
 
@@ -18,9 +19,9 @@ The cell line's description (cell_features):
               encoder_value_scale * z (a monotone map onto the range of the log2(1 + counts per 10k) values the
               encoder was trained on); the mean of their output states (as predict.py's embeddings) is the embedding
   both        the two side by side
-The features are standardised over the training cell lines, then each cell line becomes its coordinates in the span
-of the training cell lines (a PCA fitted on them, every component kept): lossless for the training lines, at most
-n_lines - 1 numbers per line, and ridge's solution is exactly that on the standardised features.
+The features are standardised over the training cell lines (and clipped), then each cell line becomes its coordinates
+in the span of the training cell lines (a PCA fitted on them, every component kept): lossless for the training lines,
+at most n_lines - 1 numbers per line, and ridge's solution is exactly that on the standardised features.
 
 The methods, written to metrics.json under these names:
   model      DeepSynergy's recipe: a feed-forward net with dropout (input_dropout on the inputs, dropout on the hidden
@@ -102,8 +103,12 @@ def read_table(path, what):
     """A CSV file -> (header, rows as lists of strings). A missing or empty file is a UserError."""
     if not os.path.isfile(path):
         raise UserError(f'{what} file {path} not found (set --{what}=<file.csv>)')
-    with open(path, newline='') as f:
-        rows = list(csv.reader(f))
+    try:
+        with open(path, newline='') as f:
+            rows = list(csv.reader(f))
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise UserError(f'{path} is not a readable CSV file ({type(e).__name__}); give the {what} table as '
+                        f'CSV') from None
     if len(rows) < 2:
         raise UserError(f'{path} has no data rows; give the {what} CSV with a header line')
     return rows[0], rows[1:]

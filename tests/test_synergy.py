@@ -181,4 +181,10 @@ def test_bad_input(screen, tmp_path):
                           check=False), r'expression file .*none.csv not found')
     user_error(run_script('synergy.py', f'--synergy={synergy}', f'--expression={expression}', '--cell_features=encoder',
                           *args, check=False), r'needs --encoder_ckpt')
+    binary = tmp_path / 'binary.csv'
+    binary.write_bytes(bytes(range(256)) * 8)
+    user_error(run_script('synergy.py', f'--synergy={synergy}', f'--expression={binary}', *args, check=False),
+               r'not a readable CSV file')
+    user_error(run_script('synergy.py', f'--synergy={synergy}', f'--expression={expression}', '--cell_features=both',
+                          f'--encoder_ckpt={binary}', *args, check=False), r'cannot read checkpoint')
     assert not (tmp_path / 'out').exists()

@@ -14,7 +14,7 @@ checkpoint = load_checkpoint(source)
 known = {f.name for f in dataclasses.fields(ModelConfig)}
 args = {k: v for k, v in checkpoint['model_args'].items() if k in known}
 torch.manual_seed(0)
-model = ScBERT(ModelConfig(**args))          # the initialisation train.py starts from
+model = ScBERT(ModelConfig(**args))          # a fresh initialisation, as training starts from (seed 0)
 torch.save({'model': model.state_dict(), 'model_args': args, 'vocab': checkpoint['vocab'], 'label_names': [],
             'log_base': checkpoint['log_base']}, target)
 print(f'{target}: {type(model).__name__} with random weights, {len(checkpoint["vocab"])} genes')

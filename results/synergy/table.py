@@ -65,8 +65,8 @@ def one_fold_table(split, fold, what):
 
 
 def control_table():
-    print('\nThe encoder against the same architecture with random weights (`random_encoder`), and with a budget of '
-          '200 epochs: the model\'s Pearson r, mean ± sd over the 5 folds (epochs run per fold)\n')
+    print('\nThe encoder against the same architecture with random weights (`random_encoder`), and with a budget\nof '
+          '200 epochs: the model\'s Pearson r, mean ± sd over the 5 folds (epochs run per fold; seed 0)\n')
     print('| run | fold | by_cell_line |')
     print('|---|---|---|')
     for label, suffix in (('pretrained encoder', 'encoder'), ('random encoder', 'random_encoder'),
@@ -75,7 +75,7 @@ def control_table():
         for split in ('fold', 'by_cell_line'):
             m = load(f'{split}_{suffix}')[0]
             cells.append(cell(m['model']['pearson']) + f" (epochs {'/'.join(str(r['epochs']) for r in m['folds'])})"
-                         if m else '-')
+                         if m else 'not run')
         print(f'| {label} | ' + ' | '.join(cells) + ' |')
 
 
