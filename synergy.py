@@ -49,7 +49,7 @@ import torch.nn.functional as F
 
 from data import UserError, atomic_write, check_writable, load_checkpoint, model_input, split_indices
 from metrics import plot_scatter, regression_metrics
-from model import ModelConfig, ScBERT, pool, token_valid
+from model import ScBERT, pool, token_valid
 
 # -----------------------------------------------------------------------------
 synergy = '../shared/data/drugcomb/oneil_synergy_transynergy.csv'    # one row per (drug A, drug B, cell line)
@@ -188,19 +188,13 @@ def read_expression(path):
 # the cell lines' features
 
 def load_encoder(path):
-    """Our checkpoint -> (model in eval mode, its gene vocabulary, log base). Settings the model does not know (a
-    newer checkpoint's) are dropped, with a note."""
+    """Our checkpoint -> (model in eval mode, its gene vocabulary, log base)."""
     checkpoint = load_checkpoint(path, 'encoder_ckpt')
     if not (isinstance(checkpoint, dict) and 'model_args' in checkpoint and 'vocab' in checkpoint):
         raise UserError(f'{path} is not a checkpoint of ours with a gene vocabulary (give train.py\'s best.pt as '
                         f'--encoder_ckpt)')
-    known = {f.name for f in dataclasses.fields(ModelConfig)}
-    unknown = sorted(set(checkpoint['model_args']) - known)
-    if unknown:
-        print(f'note: {path} has settings this model.py does not know, left out: {", ".join(unknown)}')
     try:
-        model = ScBERT.from_checkpoint(dict(checkpoint, model_args={k: v for k, v in checkpoint['model_args'].items()
-                                                                    if k in known}))
+        model = ScBERT.from_checkpoint(checkpoint)
         return model.eval(), list(checkpoint['vocab']), float(checkpoint['log_base'])
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise UserError(f'{path} is damaged ({type(e).__name__}: {str(e)[:200]})') from None
