@@ -1,4 +1,4 @@
-"""The tables of results/perturb/SECTION.md, from the runs' metrics.json files (run from the repo root):
+"""The tables of results/README.md ("Perturbation effects"), from the runs' metrics.json files (run from the repo root):
 
     python results/perturb/make_tables.py > results/perturb/tables.md
 """

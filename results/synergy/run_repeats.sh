@@ -2,7 +2,7 @@
 # The random-encoder control, then repeats of results/synergy/run.sh with other seeds (the net's initialisation and
 # batches; for by_cell_line also the partition of the cell lines), from the repository root:
 #   bash results/synergy/run_repeats.sh
-ENCODER=${ENCODER:-../main/out-pretrain-human/best.pt}
+ENCODER=${ENCODER:-out-pretrain-human/best.pt}
 run() {   # name, then synergy.py's settings
   name=$1; shift
   { time python synergy.py "$@" --out_dir=results/synergy/$name --num_threads=1 \

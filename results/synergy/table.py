@@ -1,4 +1,4 @@
-"""The tables of results/synergy/SECTION.md from the runs' metrics.json and .time files:
+"""The tables of results/README.md ("Drug-combination synergy") from the runs' metrics.json and .time files:
     python results/synergy/table.py > results/synergy/tables.md"""
 import json
 import os
