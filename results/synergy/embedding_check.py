@@ -1,4 +1,4 @@
-"""How much of the cell lines' expression the encoder's embedding keeps (results/README.md ("Drug-combination synergy")):
+"""How much of the cell lines' expression the encoder's embedding keeps (results/README.md, synergy):
     PYTHONPATH=. python results/synergy/embedding_check.py > results/synergy/embedding_check.txt
     PYTHONPATH=. python results/synergy/embedding_check.py /tmp/random_encoder.pt \
         > results/synergy/embedding_check_random_encoder.txt        # made by random_encoder.py
