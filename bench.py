@@ -977,7 +977,7 @@ def print_runs_table(results):
             lat = r['latency_ms_per_cell']
             print(f"| {row['variant']} | {kind} | {r['batch_size']} | {r['cells_per_s']:.3g} | {lat['median']:.3g} "
                   f"({lat['min']:.3g}-{lat['max']:.3g}) | {gflop:.3g} | {r['flops_per_s'] / 1e9:.3g} | "
-                  f"{r['mfu']:.1%} | {r['peak_mem_mb']:.0f} | {r.get('minor_faults_per_pass', float('nan')):.3g} |")
+                  f"{r['mfu']:.1%} | {r['peak_mem_mb']:.0f} | {r['minor_faults_per_pass']:.3g} |")
 
 
 def print_sweep_table(sweep):

@@ -3,6 +3,9 @@
 pip install performer-pytorch==1.1.4           # only for the performer_pytorch variant
 python bench.py --dataset= --variants=scbert,performer_pytorch --batch_sizes=1,4 --train=False --num_threads=2 \
     --out=results/favor/bench_full.json --plot=results/favor/bench_full.png > results/favor/bench_full.txt
+# the same with one thread (another job used the other core)
+python bench.py --dataset= --variants=scbert,performer_pytorch --batch_sizes=1,4 --train=False --num_threads=1 \
+    --out=results/favor/bench_full_1thread.json --plot= > results/favor/bench_full_1thread.txt
 # the allocator told to keep freed memory: no fresh pages after the first pass
 GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967296 \
     python bench.py --dataset= --variants=scbert,performer_pytorch --batch_sizes=1,4 --train=False --num_threads=2 \
